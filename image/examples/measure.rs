@@ -1,0 +1,36 @@
+//! Times the root-partition phases (protofile + mkfs.xfs, in-place LUKS2 encryption with a weak
+//! KDF) on a file of the size given in MiB (default 900), in the directory given (default a temp
+//! dir under /var/tmp). `cargo run -p cloister-image --example measure -- 900 DIR`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use cloister_image::{encrypt_in_place, mkfs_xfs, write_protofile, KdfParams, LUKS_RESERVE_BYTES};
+use cloister_rootfs::tree::{Node, Tree};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(900);
+    let dir = PathBuf::from(
+        args.next().unwrap_or_else(|| format!("/var/tmp/cloister-measure-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(&dir)?;
+    let mut tree = Tree::new(dir.join("staging"))?;
+    tree.write_file("etc/hostname", b"cloister\n", Node::file(0o644))?;
+    let bytes = mib * 1024 * 1024;
+    let img = dir.join("root.img");
+    std::fs::File::create(&img)?.set_len(bytes)?;
+
+    let t = Instant::now();
+    write_protofile(&tree, &dir.join("proto"))?;
+    mkfs_xfs(&dir.join("proto"), &img, bytes - LUKS_RESERVE_BYTES, "root", None)?;
+    let mkfs = t.elapsed().as_secs_f64();
+
+    let kdf = KdfParams { memory_kib: 32 * 1024, time_ms: 100, iterations: Some(4), parallel: 1 };
+    let t = Instant::now();
+    encrypt_in_place(&img, b"measure", &kdf, None)?;
+    let luks = t.elapsed().as_secs_f64();
+    println!("size {mib} MiB: mkfs {mkfs:.3} s, luks {luks:.3} s, {:.0} MiB/s", mib as f64 / luks);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! Disk image writing for Cloister, all in userspace on plain files: the GPT layout, the ESP
+//! with a UKI, the root XFS from a protofile, its in-place LUKS2 encryption, the final assembly
+//! and the build manifest. Invariant: nothing here mounts, opens a loop or device-mapper device,
+//! or needs root.
+#![deny(unsafe_code)]
+
+pub mod assemble;
+pub mod esp;
+mod ffi;
+pub mod gpt;
+pub mod layout;
+pub mod luks;
+pub mod manifest;
+pub mod uki;
+pub mod xfs;
+
+pub use assemble::{assemble, AssembleError, ImageSummary};
+pub use esp::{write_esp, EspError};
+pub use gpt::{write_gpt, GptWriteError};
+pub use layout::{Layout, LayoutError, LayoutUuids, PartPlan};
+pub use luks::{encrypt_in_place, KdfParams, LuksError, LuksInfo, PbkdfInfo, LUKS_RESERVE_BYTES};
+pub use manifest::Manifest;
+pub use uki::{build_uki, UkiError, UkiSections, DEFAULT_STUB};
+pub use xfs::{mkfs_xfs, write_protofile, ProtoReport, XfsError};

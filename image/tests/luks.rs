@@ -1,0 +1,94 @@
+//! In-place LUKS2 encryption of a file holding an XFS, checked with the cryptsetup CLI and
+//! xfsprogs (decrypting offline with the CLI, no device-mapper).
+
+mod common;
+
+use std::path::Path;
+
+use cloister_image::encrypt_in_place;
+use common::*;
+
+const PASS: &[u8] = b"correct horse battery staple";
+
+#[test]
+fn encrypts_in_place_and_the_cli_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = xfs_file(dir.path(), 400 * MIB);
+    assert!(aligned_magic_count(&img, b"XFSB", 512) > 0, "control: plaintext xfs has superblocks");
+
+    let mut calls = 0u32;
+    let mut last = (0, 0);
+    let mut progress = |done: u64, total: u64| {
+        calls += 1;
+        last = (done, total);
+    };
+    let info = encrypt_in_place(&img, PASS, &WEAK_KDF, Some(&mut progress)).unwrap();
+    assert!(calls > 0, "progress was reported");
+    assert_eq!(last.0, last.1, "progress ends at the total");
+    assert_eq!(info.cipher, "aes-xts-plain64");
+    assert_eq!(info.key_bits, 512);
+    assert_eq!(info.sector_size, 4096);
+    assert_eq!(info.data_offset_bytes, 16 * MIB);
+    assert_eq!(info.pbkdf.kind, "argon2id");
+    assert_eq!((info.pbkdf.iterations, info.pbkdf.memory_kib, info.pbkdf.parallel), (4, 32 * 1024, 1));
+    // The temporary header is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("luks-header")), "{left:?}");
+
+    let img_s = img.to_str().unwrap();
+    let dump = ok("cryptsetup", &["luksDump", img_s], None);
+    for want in [
+        "Version:       \t2",
+        "argon2id",
+        "aes-xts-plain64",
+        "512 bits",
+        "sector: 4096",
+        &info.uuid.to_string(),
+    ] {
+        assert!(dump.contains(want), "{want:?} missing in:\n{dump}");
+    }
+    assert!(!dump.contains("online-reencrypt"), "no reencryption requirement left:\n{dump}");
+    assert_eq!(aligned_magic_count(&img, b"XFSB", 512), 0, "plaintext superblock left");
+    assert_eq!(aligned_magic_count(&img, MARKER, 4096), 0, "plaintext file content left");
+
+    let test =
+        |pass: &[u8]| run("cryptsetup", &["open", "--test-passphrase", "--key-file", "-", img_s], Some(pass));
+    assert!(test(PASS).status.success());
+    assert!(!test(b"wrong passphrase").status.success());
+
+    decrypt_and_check(dir.path(), &img);
+}
+
+/// Offline decryption with the CLI shifts the plaintext back to offset 0; the XFS must be whole.
+fn decrypt_and_check(dir: &Path, img: &Path) {
+    let header = dir.join("detached-header");
+    let (img_s, hdr_s) = (img.to_str().unwrap(), header.to_str().unwrap());
+    ok(
+        "cryptsetup",
+        &[
+            "reencrypt",
+            "--decrypt",
+            "--batch-mode",
+            "--force-offline-reencrypt",
+            "--header",
+            hdr_s,
+            "--key-file",
+            "-",
+            img_s,
+        ],
+        Some(PASS),
+    );
+    ok("xfs_repair", &["-n", img_s], None);
+    assert_eq!(aligned_magic_count(img, MARKER, 4096), 1, "known file content back after decryption");
+    let ls = ok("xfs_db", &["-r", "-c", "ls /etc", img_s], None);
+    assert!(ls.contains("known"), "{ls}");
+}
+
+#[test]
+fn too_small_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small");
+    std::fs::File::create(&img).unwrap().set_len(16 * MIB).unwrap();
+    let err = encrypt_in_place(&img, PASS, &WEAK_KDF, None).unwrap_err();
+    assert!(err.to_string().contains("small"), "{err}");
+}

@@ -1,0 +1,142 @@
+//! Bad input to the build: each is a clear error, a non-zero exit and no output left behind.
+//! These run the real `cloister-build` and `xtask` binaries that `cargo xtask test` built.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Result};
+use cloister_tests::*;
+
+/// Runs the builder with a passphrase file and the given extra arguments, output in `dir`.
+fn build(e2e: &E2e, dir: &Path, extra: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(&e2e.builder);
+    cmd.arg("--init-bin").arg(&e2e.init).arg("--output").arg(dir.join("disk.img")).args(extra);
+    Ok(cmd.output()?)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Nothing but the inputs the test itself put there may remain in `dir`.
+fn assert_no_output(dir: &Path, inputs: &[&str]) -> Result<()> {
+    let left: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| !inputs.iter().any(|i| p.file_name().is_some_and(|n| n == *i)))
+        .collect();
+    ensure!(left.is_empty(), "partial output left behind: {left:?}");
+    Ok(())
+}
+
+fn passphrase_file(dir: &Path, content: &str) -> Result<String> {
+    let p = dir.join("pass");
+    std::fs::write(&p, content)?;
+    Ok(p.display().to_string())
+}
+
+#[test]
+fn unknown_config_key_names_file_line_and_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("bad-key") else { return Ok(()) };
+    let dir = e2e.scratch("bad-key")?;
+    std::fs::write(dir.join("c.toml"), "[image]\nsize_mib = 1024\ncolour = \"blue\"\n")?;
+    let pass = passphrase_file(&dir, "secret\n")?;
+    let out = build(
+        &e2e,
+        &dir,
+        &["--config", &dir.join("c.toml").display().to_string(), "--passphrase-file", &pass],
+    )?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "accepted an unknown key");
+    ensure!(err.contains("c.toml:3: image.colour"), "error does not name file:line: key: {err}");
+    assert_no_output(&dir, &["c.toml", "pass"])
+}
+
+#[test]
+fn bad_value_names_the_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("bad-value") else { return Ok(()) };
+    let dir = e2e.scratch("bad-value")?;
+    std::fs::write(dir.join("c.toml"), "[kdf]\nmemory_mib = -5\n")?;
+    let pass = passphrase_file(&dir, "secret\n")?;
+    let out = build(
+        &e2e,
+        &dir,
+        &["--config", &dir.join("c.toml").display().to_string(), "--passphrase-file", &pass],
+    )?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "accepted a negative memory size");
+    ensure!(err.contains("c.toml:2: kdf.memory_mib"), "error does not name the key: {err}");
+    assert_no_output(&dir, &["c.toml", "pass"])
+}
+
+#[test]
+fn empty_passphrase_is_refused() -> Result<()> {
+    let Some(e2e) = E2e::from_env("empty-pass") else { return Ok(()) };
+    let dir = e2e.scratch("empty-pass")?;
+    let pass = passphrase_file(&dir, "\n")?;
+    let out = build(&e2e, &dir, &["--passphrase-file", &pass])?;
+    ensure!(!out.status.success(), "accepted an empty passphrase");
+    ensure!(stderr(&out).contains("passphrase is empty"), "{}", stderr(&out));
+    assert_no_output(&dir, &["pass"])
+}
+
+#[test]
+fn mismatched_confirmation_is_refused() -> Result<()> {
+    let Some(e2e) = E2e::from_env("mismatch") else { return Ok(()) };
+    let dir = e2e.scratch("mismatch")?;
+    // `script` gives the builder a terminal, as a person typing would have. The answers are
+    // typed after a pause, as a person would after seeing the prompt: text typed before the
+    // prompt turns echo off is echoed by the terminal itself, whatever the program does.
+    let cmdline = format!(
+        "{} --init-bin {} --output {}",
+        e2e.builder.display(),
+        e2e.init.display(),
+        dir.join("disk.img").display()
+    );
+    let typist = "sleep 2; printf 'first-answer\\n'; sleep 2; printf 'second-answer\\n'; sleep 2";
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("({typist}) | script -qec \"$0\" /dev/null"))
+        .arg(&cmdline)
+        .output()?;
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    ensure!(!out.status.success(), "accepted two different passphrases: {all}");
+    ensure!(all.contains("the two passphrases differ"), "{all}");
+    ensure!(
+        !all.contains("first-answer") && !all.contains("second-answer"),
+        "a passphrase was echoed: {all}"
+    );
+    assert_no_output(&dir, &[])
+}
+
+#[test]
+fn unwritable_output_path_fails_before_building() -> Result<()> {
+    let Some(e2e) = E2e::from_env("unwritable") else { return Ok(()) };
+    let dir = e2e.scratch("unwritable")?;
+    let pass = passphrase_file(&dir, "secret\n")?;
+    // /proc refuses new files even to root.
+    let mut cmd = Command::new(&e2e.builder);
+    cmd.arg("--init-bin").arg(&e2e.init).args([
+        "--output",
+        "/proc/cloister-test/disk.img",
+        "--passphrase-file",
+        &pass,
+    ]);
+    let out = cmd.output()?;
+    ensure!(!out.status.success(), "wrote into /proc?");
+    ensure!(stderr(&out).contains("/proc/cloister-test"), "error does not name the path: {}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn missing_host_package_is_named_with_the_apt_line() -> Result<()> {
+    let Some(e2e) = E2e::from_env("missing-package") else { return Ok(()) };
+    // Simulated: the host keeps its packages; xtask only pretends xfsprogs is absent.
+    let out = Command::new(&e2e.xtask)
+        .arg("build-image")
+        .env("CLOISTER_SIMULATE_MISSING_PACKAGES", "xfsprogs")
+        .output()?;
+    let err = stderr(&out);
+    ensure!(!out.status.success(), "build went on without xfsprogs");
+    ensure!(err.contains("xfsprogs") && err.contains("apt-get install"), "{err}");
+    Ok(())
+}

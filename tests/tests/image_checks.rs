@@ -1,0 +1,269 @@
+//! The built test image, checked by tools that share no code with our writer: util-linux
+//! (sfdisk), dosfstools/mtools, binutils (objdump/objcopy), cryptsetup, xfsprogs and the host
+//! kernel's own XFS driver (read-only loop mount of an offline-decrypted copy).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use cloister_tests::*;
+
+fn setup(name: &str) -> Option<E2e> {
+    E2e::from_env(name)
+}
+
+#[test]
+fn gpt_has_esp_and_discoverable_root_aligned_with_backup_header() -> Result<()> {
+    let Some(e2e) = setup("gpt") else { return Ok(()) };
+    let json = sfdisk_json(&e2e.image)?;
+    ensure!(json["partitiontable"]["label"] == "gpt", "not a GPT: {json}");
+    let parts = partitions(&e2e.image)?;
+    ensure!(parts.len() == 2, "expected ESP + root, got {parts:?}");
+    ensure!(parts[0].type_guid == ESP_TYPE, "first partition is not an ESP: {:?}", parts[0]);
+    ensure!(parts[1].type_guid == ROOT_X86_64_TYPE, "second is not an x86-64 root: {:?}", parts[1]);
+    for p in &parts {
+        ensure!(p.start % 2048 == 0, "partition not 1 MiB aligned: {p:?}");
+    }
+    let disk_sectors = std::fs::metadata(&e2e.image)?.len() / 512;
+    let root_end = parts[1].start + parts[1].size;
+    ensure!(
+        root_end <= disk_sectors - 33,
+        "root overlaps the backup GPT: ends at {root_end} of {disk_sectors}"
+    );
+    // --verify reads the backup header at the end of the disk too.
+    let out = run(Command::new("sfdisk").arg("--verify").arg(&e2e.image))?;
+    let text = stdout(&out);
+    ensure!(text.contains("No errors detected"), "sfdisk --verify: {text}");
+    let manifest = e2e.manifest()?;
+    let want = manifest["partitions"][1]["uuid"].as_str().unwrap_or_default().to_uppercase();
+    ensure!(want == parts[1].uuid, "manifest root uuid {want} != partition uuid {}", parts[1].uuid);
+    Ok(())
+}
+
+#[test]
+fn esp_is_clean_fat_with_a_uki_naming_the_root_partition() -> Result<()> {
+    let Some(e2e) = setup("esp") else { return Ok(()) };
+    let dir = e2e.scratch("esp")?;
+    let parts = partitions(&e2e.image)?;
+    let esp = dir.join("esp.img");
+    extract_partition(&e2e.image, &parts[0], &esp)?;
+    run(Command::new("fsck.fat").arg("-n").arg(&esp))?;
+    let uki = dir.join("BOOTX64.EFI");
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(&esp)
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&uki))?;
+    let headers = stdout(&run(Command::new("objdump").arg("-h").arg(&uki))?);
+    for section in [".osrel", ".cmdline", ".linux", ".initrd"] {
+        ensure!(headers.contains(section), "UKI lacks {section}:\n{headers}");
+    }
+    let cmdline_file = dir.join("cmdline");
+    run(Command::new("objcopy")
+        .args(["-O", "binary", "--only-section=.cmdline"])
+        .arg(&uki)
+        .arg(&cmdline_file))?;
+    let cmdline = std::fs::read_to_string(&cmdline_file)?;
+    check_initramfs_libraries(&uki, &dir)?;
+    let want = format!("{}=PARTUUID={}", cloister_proto::CMDLINE_ROOT, parts[1].uuid.to_lowercase());
+    ensure!(cmdline.contains(&want), "cmdline {cmdline:?} does not name {want}");
+    ensure!(cmdline.split_whitespace().any(|w| w == cloister_proto::CMDLINE_APPLIANCE), "{cmdline:?}");
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn root_is_luks2_argon2id_aes_xts_512_and_only_the_right_passphrase_opens_it() -> Result<()> {
+    let Some(e2e) = setup("luks") else { return Ok(()) };
+    let dir = e2e.scratch("luks")?;
+    let parts = partitions(&e2e.image)?;
+    let root = dir.join("root.img");
+    extract_partition(&e2e.image, &parts[1], &root)?;
+    let dump = stdout(&run(Command::new("cryptsetup").arg("luksDump").arg(&root))?);
+    let version = dump.lines().find_map(|l| l.strip_prefix("Version:")).map(str::trim);
+    ensure!(version == Some("2"), "not LUKS2: {version:?}");
+    for want in ["argon2id", "aes-xts-plain64", "512 bits", "sector: 4096"] {
+        ensure!(dump.contains(want), "luksDump lacks {want:?}:\n{dump}");
+    }
+    ensure!(luks_accepts(&root, &e2e.passphrase()?)?, "the build's passphrase does not open the root");
+    ensure!(!luks_accepts(&root, "not the passphrase")?, "a wrong passphrase opened the root");
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> {
+    let Some(e2e) = setup("xfs") else { return Ok(()) };
+    let dir = e2e.scratch("xfs")?;
+    let parts = partitions(&e2e.image)?;
+    let root = dir.join("root.img");
+    extract_partition(&e2e.image, &parts[1], &root)?;
+    decrypt_offline(&root, &dir.join("header"), &e2e.passphrase()?)?;
+    xfs_clean(&root)?;
+    let listing = files_listing(&e2e)?;
+    let mount = LoopMount::read_only(&root, &dir.join("mnt"))?;
+    let mismatches = compare_tree(mount.path(), &listing)?;
+    let missing = unresolved_libraries(mount.path())?;
+    drop(mount);
+    ensure!(missing.is_empty(), "unresolved libraries in the root: {missing:#?}");
+    ensure!(
+        mismatches.is_empty(),
+        "{} differences, first: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
+    ensure!(listing.len() > 1000, "suspiciously small root: {} entries", listing.len());
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// Unpacks the UKI's initramfs with cpio and resolves every ELF's interpreter and DT_NEEDED
+/// inside it: stage 1 must not need anything the archive lacks.
+fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
+    let initrd = dir.join("initrd.cpio.gz");
+    run(Command::new("objcopy").args(["-O", "binary", "--only-section=.initrd"]).arg(uki).arg(&initrd))?;
+    let root = dir.join("initramfs");
+    std::fs::create_dir_all(&root)?;
+    run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+        "gzip -dc {} | cpio -idm --quiet --no-absolute-filenames --nonmatching 'dev/*'",
+        initrd.display()
+    )))?;
+    ensure!(root.join("init").is_file(), "initramfs has no /init");
+    let missing = unresolved_libraries(&root)?;
+    ensure!(missing.is_empty(), "unresolved libraries in the initramfs: {missing:#?}");
+    let modules = std::fs::read_to_string(root.join("etc/cloister/modules"))?;
+    for m in ["dm-crypt.ko", "xfs.ko", "virtio_blk.ko"] {
+        ensure!(modules.lines().any(|l| l.ends_with(m)), "initramfs module list lacks {m}:\n{modules}");
+    }
+    Ok(())
+}
+
+/// Every unresolved interpreter or library of every ELF file below `root`.
+fn unresolved_libraries(root: &Path) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&rel))? {
+            let entry = entry?;
+            let child = rel.join(entry.file_name());
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(child);
+            } else if ft.is_file() {
+                files.push(child);
+            }
+        }
+    }
+    ensure!(!files.is_empty(), "no files under {}", root.display());
+    let missing = cloister_rootfs::elf::check_tree(root, files.iter().map(|p| p.as_path()));
+    Ok(missing.iter().map(ToString::to_string).collect())
+}
+
+/// The builder's `--list-files` output: one JSON object per line.
+fn files_listing(e2e: &E2e) -> Result<BTreeMap<String, serde_json::Value>> {
+    let path = e2e.image.with_file_name("files.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let p = v["path"].as_str().context("path")?.to_string();
+        out.insert(p, v);
+    }
+    Ok(out)
+}
+
+/// Walks the mounted filesystem and compares type, mode, owner, link target and content hash
+/// with the listing, both ways.
+fn compare_tree(root: &Path, listing: &BTreeMap<String, serde_json::Value>) -> Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = Vec::new();
+    let mut diffs = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let host = entry.path();
+            let rel = host.strip_prefix(root)?.to_string_lossy().into_owned();
+            let meta = std::fs::symlink_metadata(&host)?;
+            seen.push(rel.clone());
+            let Some(want) = listing.get(&rel) else {
+                diffs.push(format!("{rel}: on disk, not in the tree"));
+                continue;
+            };
+            let mode = meta.mode() & 0o7777;
+            if want["mode"].as_u64() != Some(u64::from(mode)) && !meta.file_type().is_symlink() {
+                diffs.push(format!("{rel}: mode {mode:o}, want {}", want["mode"]));
+            }
+            if want["uid"].as_u64() != Some(u64::from(meta.uid()))
+                || want["gid"].as_u64() != Some(u64::from(meta.gid()))
+            {
+                diffs.push(format!(
+                    "{rel}: owner {}:{}, want {}:{}",
+                    meta.uid(),
+                    meta.gid(),
+                    want["uid"],
+                    want["gid"]
+                ));
+            }
+            let kind = want["kind"].as_str().unwrap_or_default();
+            if meta.is_dir() {
+                stack.push(host.clone());
+                if kind != "dir" {
+                    diffs.push(format!("{rel}: dir, want {kind}"));
+                }
+            } else if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&host)?.to_string_lossy().into_owned();
+                if kind != "symlink" || want["target"].as_str() != Some(target.as_str()) {
+                    diffs.push(format!("{rel}: symlink to {target}, want {kind} {}", want["target"]));
+                }
+            } else if meta.is_file() {
+                let hash = sha256_file(&host)?;
+                if kind != "file" || want["sha256"].as_str() != Some(hash.as_str()) {
+                    diffs.push(format!("{rel}: file content differs ({kind})"));
+                }
+            }
+        }
+    }
+    let seen: std::collections::BTreeSet<_> = seen.into_iter().collect();
+    for rel in listing.keys().filter(|k| !k.is_empty() && !seen.contains(*k)) {
+        diffs.push(format!("{rel}: in the tree, missing on disk"));
+    }
+    Ok(diffs)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let out = run(Command::new("sha256sum").arg(path))?;
+    Ok(stdout(&out).split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// A read-only loop mount that is always undone, even when the test fails.
+struct LoopMount {
+    dir: std::path::PathBuf,
+}
+
+impl LoopMount {
+    fn read_only(image: &Path, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = Command::new("mount")
+            .args(["-t", "xfs", "-o", "ro,norecovery,loop"])
+            .arg(image)
+            .arg(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("mount {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        // `umount` of a loop mount made with -o loop also detaches the loop device.
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}

@@ -1,0 +1,52 @@
+//! Phase `initramfs`: stage 1 of our PID 1, the shared libraries it needs (taken from the
+//! image's own packages, never the build host), and the kernel modules needed to reach an
+//! encrypted root on virtio, SATA, NVMe or USB storage, in load order.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use cloister_rootfs::initramfs::InitramfsBuilder;
+use cloister_rootfs::modules::{self, ModuleIndex};
+use cloister_rootfs::{deb, elf};
+
+use crate::rootfs_phase::Rootfs;
+
+pub struct Initrd {
+    pub bytes: u64,
+    pub modules: Vec<String>,
+}
+
+/// The list stage 1 reads: one module path per line, relative to /lib/modules/<kver>/.
+pub const MODULES_LIST: &str = "etc/cloister/modules";
+
+pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
+    let root = rootfs.tree.staging();
+    let kver = &rootfs.kernel_version;
+    let mut ar = InitramfsBuilder::new();
+    for (link, target) in deb::MERGED_USR {
+        ar.dir(target, 0o755)?;
+        ar.symlink(link, *target)?;
+    }
+    for dir in ["proc", "sys", "dev", "run", "sysroot", "etc/cloister"] {
+        ar.dir(dir, 0o755)?;
+    }
+    ar.base_devices()?;
+    ar.file(cloister_proto::STAGE1_PATH.trim_start_matches('/'), init_bin, 0o755)?;
+    for rel in elf::needed_closure_for_file(root, init_bin)? {
+        ar.copy_from_root(root, &rel).with_context(|| format!("library {}", rel.display()))?;
+    }
+    let index = ModuleIndex::load(root, kver)?;
+    let wanted = index.closure(modules::INITRAMFS_MODULES)?;
+    let modules_dir = modules::modules_dir_rel(root, kver);
+    let mut list = String::new();
+    for m in &wanted {
+        ar.copy_from_root(root, modules_dir.join(&m.rel))?;
+        list.push_str(&m.rel.to_string_lossy());
+        list.push('\n');
+    }
+    ar.file_bytes(MODULES_LIST, list, 0o644)?;
+    // systemd's convention for "this is an initramfs"; stage 1 also checks it.
+    ar.file_bytes("etc/initrd-release", "NAME=Cloister\nID=cloister\n", 0o644)?;
+    let bytes = ar.write(out)?;
+    Ok(Initrd { bytes, modules: wanted.into_iter().map(|m| m.name).collect() })
+}

@@ -1,0 +1,274 @@
+//! The build as a list of named phases, run in order, each timed and printed:
+//! packages → rootfs → initramfs → uki → xfs → luks → image.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use cloister_config::Config;
+use cloister_image::layout::{Layout, LayoutUuids};
+use cloister_image::luks::{KdfParams, LUKS_RESERVE_BYTES};
+use cloister_rootfs::apt::{AptRoot, FetchedDeb};
+
+use crate::progress::Progress;
+use crate::secret::Secret;
+use crate::{initrd, rootfs_phase, Args};
+
+/// How long package lists stay fresh before `apt-get update` runs again.
+const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything decided before the first phase runs.
+pub struct Plan {
+    pub config: Config,
+    pub output: PathBuf,
+    pub init_bin: PathBuf,
+    pub cache_dir: PathBuf,
+    pub mirror: Option<String>,
+    pub refresh: bool,
+    pub keep_work: bool,
+    pub list_files: Option<PathBuf>,
+    pub kdf: KdfParams,
+    /// Human-readable list of test-only settings in force; empty for a production image.
+    pub test_options: Vec<String>,
+}
+
+impl Plan {
+    pub fn new(args: &Args, config: Config, output: PathBuf, init_bin: PathBuf) -> Result<Self> {
+        let mut test_options = Vec::new();
+        let mut kdf = KdfParams {
+            memory_kib: config.kdf.memory_mib * 1024,
+            time_ms: config.kdf.time_ms,
+            iterations: None,
+            parallel: config.kdf.parallel,
+        };
+        if let Some(mib) = args.kdf_memory_mib {
+            kdf.memory_kib = mib.max(1) * 1024;
+            test_options.push(format!("kdf memory lowered to {mib} MiB"));
+        }
+        if let Some(ms) = args.kdf_time_ms {
+            kdf.time_ms = ms;
+            test_options.push(format!("kdf time lowered to {ms} ms"));
+        }
+        if let Some(it) = args.kdf_iterations {
+            kdf.iterations = Some(it);
+            kdf.parallel = 1;
+            test_options.push(format!("kdf fixed at {it} iterations, 1 lane"));
+        }
+        let cache_dir = match &args.cache_dir {
+            Some(dir) => dir.clone(),
+            None => default_cache_dir()?,
+        };
+        Ok(Self {
+            config,
+            output,
+            init_bin,
+            cache_dir,
+            mirror: args.mirror.clone(),
+            refresh: args.refresh,
+            keep_work: args.keep_work,
+            list_files: args.list_files.clone(),
+            kdf,
+            test_options,
+        })
+    }
+}
+
+fn default_cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("cloister"));
+    }
+    let home =
+        std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir")?;
+    Ok(PathBuf::from(home).join(".cache").join("cloister"))
+}
+
+/// A work directory beside the output (same filesystem, so the final rename is atomic),
+/// removed when the build ends unless --keep-work.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create(output: &Path, keep: bool) -> Result<Self> {
+        let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = parent.join(format!(".{name}.work-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create work directory {}", path.display()))?;
+        Ok(Self { path, keep })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("work directory kept: {}", self.path.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("warning: cannot remove work directory {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Runs one phase, printing `phase <name>: ok (<s> s)` or its failure, and records the time.
+fn phase<T>(
+    timings: &mut Vec<(&'static str, f64)>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    eprintln!("phase {name}: started");
+    let t = Instant::now();
+    let r = f().with_context(|| format!("phase {name}"));
+    let secs = t.elapsed().as_secs_f64();
+    match &r {
+        Ok(_) => eprintln!("phase {name}: ok ({secs:.1} s)"),
+        Err(_) => eprintln!("phase {name}: FAILED ({secs:.1} s)"),
+    }
+    timings.push((name, secs));
+    r
+}
+
+pub struct Summary {
+    pub image: cloister_image::assemble::ImageSummary,
+    pub manifest: PathBuf,
+    pub test_options: Vec<String>,
+    pub timings: Vec<(&'static str, f64)>,
+    pub min_ram_mib: u64,
+}
+
+impl Summary {
+    pub fn print(&self, total: Duration) {
+        let t: Vec<String> = self.timings.iter().map(|(n, s)| format!("\"{n}\":{s:.3}")).collect();
+        // One machine-readable line for `cargo xtask bench`.
+        println!("cloister-build: timings {{{},\"total\":{:.3}}}", t.join(","), total.as_secs_f64());
+        let img = &self.image;
+        println!("\nimage:    {}", img.path.display());
+        println!("size:     {} MiB", img.bytes >> 20);
+        println!("sha256:   {}", img.sha256);
+        println!("manifest: {}", self.manifest.display());
+        println!("target RAM needed to unlock: at least {} MiB", self.min_ram_mib);
+        if !self.test_options.is_empty() {
+            println!("TEST IMAGE, not for production: {}", self.test_options.join("; "));
+        }
+        println!("built in {:.1} s\n", total.as_secs_f64());
+        println!("boot it:   cargo xtask run --image {}", img.path.display());
+        println!(
+            "flash it:  dd if={} of=/dev/sdX bs=4M oflag=direct status=progress  (check sdX twice)",
+            img.path.display()
+        );
+    }
+}
+
+pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
+    let mut timings = Vec::new();
+    let work = WorkDir::create(&plan.output, plan.keep_work)?;
+    let fetched = phase(&mut timings, "packages", || fetch_packages(plan))?;
+    let rootfs = phase(&mut timings, "rootfs", || {
+        rootfs_phase::build(&work.path.join("staging"), &fetched, &plan.init_bin)
+    })?;
+    if let Some(list) = &plan.list_files {
+        rootfs_phase::write_listing(&rootfs.tree, list)?;
+    }
+    let initramfs = work.path.join("initramfs.cpio.gz");
+    let initrd = phase(&mut timings, "initramfs", || initrd::build(&rootfs, &plan.init_bin, &initramfs))?;
+    let layout =
+        Layout::plan(plan.config.image.size_mib, plan.config.image.esp_size_mib, LayoutUuids::random())?;
+    let cmdline = kernel_cmdline(&plan.config, &layout);
+    let uki = work.path.join("BOOTX64.EFI");
+    phase(&mut timings, "uki", || {
+        let sections = cloister_image::uki::UkiSections {
+            osrel: OS_RELEASE.as_bytes(),
+            cmdline: &cmdline,
+            linux: &rootfs.kernel_image,
+            initrd: &initramfs,
+        };
+        Ok(cloister_image::uki::build_uki(Path::new(cloister_image::uki::DEFAULT_STUB), &sections, &uki)?)
+    })?;
+    let root_part = work.path.join("root.part");
+    let root_bytes = layout.root.size_bytes();
+    phase(&mut timings, "xfs", || {
+        let proto = work.path.join("protofile");
+        let report = cloister_image::xfs::write_protofile(&rootfs.tree, &proto)?;
+        // The file has the partition's size; the XFS leaves the last 32 MiB free for LUKS.
+        let file = std::fs::File::create(&root_part)
+            .with_context(|| format!("cannot create {}", root_part.display()))?;
+        file.set_len(root_bytes).with_context(|| format!("cannot size {}", root_part.display()))?;
+        drop(file);
+        cloister_image::xfs::mkfs_xfs(&proto, &root_part, root_bytes - LUKS_RESERVE_BYTES, "cloister", None)?;
+        cloister_image::xfs::restore_modes(&root_part, &rootfs.tree, &report.sticky_dropped)?;
+        Ok(())
+    })?;
+    let luks = phase(&mut timings, "luks", || {
+        let mut bar = Progress::new("encrypt", root_bytes, true);
+        let mut report = |done: u64, _total: u64| bar.set(done, "");
+        let info = cloister_image::luks::encrypt_in_place(
+            &root_part,
+            passphrase.bytes(),
+            &plan.kdf,
+            Some(&mut report),
+        )?;
+        bar.finish();
+        Ok(info)
+    })?;
+    let image = phase(&mut timings, "image", || {
+        let mut bar = Progress::new("write", layout.disk_bytes, true);
+        let uki_str = uki.as_path();
+        let summary = cloister_image::assemble::assemble(
+            &plan.output,
+            &layout,
+            &[("EFI/BOOT/BOOTX64.EFI", uki_str)],
+            &root_part,
+            Some(&mut |done: u64, _total: u64| bar.set(done, "")),
+        )?;
+        bar.finish();
+        Ok(summary)
+    })?;
+    let uki_bytes = std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0);
+    let manifest = crate::manifest::write(&crate::manifest::Inputs {
+        plan,
+        image: &image,
+        layout: &layout,
+        cmdline: &cmdline,
+        luks: &luks,
+        rootfs: &rootfs,
+        initrd: &initrd,
+        uki_bytes,
+        debs: &fetched,
+    })?;
+    let min_ram_mib = u64::from(plan.kdf.memory_kib / 1024) + 256;
+    Ok(Summary { image, manifest, test_options: plan.test_options.clone(), timings, min_ram_mib })
+}
+
+/// Packages every image needs whatever the config says: what apt does not add on its own (it
+/// starts from an empty dpkg status): the base accounts (base-passwd) and /etc/os-release and
+/// friends (base-files); and the libraries our PID 1 links (libcryptsetup12 and its deps).
+const REQUIRED_PACKAGES: &[&str] = &["base-files", "base-passwd", "libcryptsetup12"];
+
+fn fetch_packages(plan: &Plan) -> Result<Vec<FetchedDeb>> {
+    let apt = AptRoot::prepare(&plan.cache_dir, plan.mirror.as_deref())?;
+    apt.update(LISTS_MAX_AGE, plan.refresh)?;
+    let mut packages: Vec<String> = REQUIRED_PACKAGES.iter().map(|p| p.to_string()).collect();
+    packages.extend(plan.config.packages.all());
+    let specs = apt.resolve(&packages)?;
+    let total: u64 = specs.iter().map(|s| s.size).sum();
+    eprintln!("  {} packages, {} MiB", specs.len(), total >> 20);
+    let mut bar = Progress::new("download", specs.len() as u64, false);
+    let fetched = apt.fetch(&specs, &mut |p| bar.set(p.done_debs as u64, ""))?;
+    bar.finish();
+    Ok(fetched)
+}
+
+/// The .osrel section: what boot menus show. The ESP is not encrypted, so it says no more than
+/// that this is Cloister.
+const OS_RELEASE: &str = "NAME=Cloister\nID=cloister\nPRETTY_NAME=Cloister\n";
+
+/// Consoles first (the kernel's /dev/console is the last `console=`), then the root's PARTUUID
+/// and the appliance marker.
+pub fn kernel_cmdline(config: &Config, layout: &Layout) -> String {
+    let mut words: Vec<String> = config.boot.consoles.iter().map(|c| format!("console={c}")).collect();
+    words.push(format!("{}=PARTUUID={}", cloister_proto::CMDLINE_ROOT, layout.root.part_uuid));
+    words.push(cloister_proto::CMDLINE_APPLIANCE.to_string());
+    words.push("loglevel=4".into());
+    words.extend(config.boot.cmdline_extra.iter().cloned());
+    words.join(" ")
+}

@@ -1,0 +1,294 @@
+//! `cargo xtask bench`: build and boot measurements printed as a table. Targets are printed
+//! next to the numbers; nothing here fails on a missed target (timing belongs here, not in
+//! tests).
+//!
+//! - build: cold (empty package cache) and warm wall time per phase of the default image;
+//! - encryption throughput as a ratio of `openssl speed -evp aes-256-xts` in the same run;
+//! - image and initramfs sizes;
+//! - boot under TCG with the test KDF: guest ms and wall s to the unlock line, next to the
+//!   same kernel booting a trivial busybox init (the floor).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cloister_qemu::{Console, Firmware, Vm, VmConfig};
+use serde_json::Value;
+
+use crate::{build, host, test};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Skip the cold build (which downloads every package into an empty cache).
+    #[arg(long)]
+    no_cold: bool,
+    /// Skip the boot measurements.
+    #[arg(long)]
+    no_boot: bool,
+}
+
+struct Row {
+    what: String,
+    value: String,
+    target: &'static str,
+}
+
+fn row(what: impl Into<String>, value: impl Into<String>, target: &'static str) -> Row {
+    Row { what: what.into(), value: value.into(), target }
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    host::ensure(&[host::BUILD, host::RUN, host::TEST])?;
+    let bins = build::compile_pipeline()?;
+    let dir = build::target_dir().join("bench");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let pass = dir.join("passphrase");
+    std::fs::write(&pass, "bench-only-passphrase\n")?;
+    let mut rows = Vec::new();
+
+    let cold = if args.no_cold {
+        None
+    } else {
+        Some(timed_build(&bins, &dir, &dir.join("cache-cold"), &pass, &[])?)
+    };
+    let warm_cache = default_cache()?;
+    // Prime the shared cache so that "warm" means warm even on a fresh machine.
+    timed_build(&bins, &dir, &warm_cache, &pass, &[])?;
+    let warm = timed_build(&bins, &dir, &warm_cache, &pass, &[])?;
+    build_rows(&mut rows, cold.as_ref(), &warm);
+    size_rows(&mut rows, &dir.join("disk.img"))?;
+    rows.push(encryption_row(&warm, &dir.join("disk.img"))?);
+
+    if !args.no_boot {
+        let mut kdf = test::TEST_KDF_ARGS.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        kdf.extend([
+            "--config".into(),
+            build::workspace_root().join("tests/test-image.toml").display().to_string(),
+        ]);
+        timed_build(&bins, &dir, &warm_cache, &pass, &kdf)?;
+        boot_rows(&mut rows, &dir)?;
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn default_cache() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set")?;
+    Ok(base.join("cloister"))
+}
+
+/// Runs the builder and returns its phase timings (seconds) from its machine-readable line.
+fn timed_build(
+    bins: &build::Binaries,
+    dir: &Path,
+    cache: &Path,
+    pass: &Path,
+    extra: &[String],
+) -> Result<Value> {
+    let out = Command::new(&bins.builder)
+        .arg("--init-bin")
+        .arg(&bins.init)
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--output")
+        .arg(dir.join("disk.img"))
+        .arg("--passphrase-file")
+        .arg(pass)
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cloister-build")?;
+    if !out.status.success() {
+        bail!("bench build failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line =
+        text.lines().find_map(|l| l.strip_prefix("cloister-build: timings ")).context("no timings line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn build_rows(rows: &mut Vec<Row>, cold: Option<&Value>, warm: &Value) {
+    let phases = ["packages", "rootfs", "initramfs", "uki", "xfs", "luks", "image", "total"];
+    for p in phases {
+        let secs = |v: &Value| v[p].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into());
+        let cold = cold.map(secs).unwrap_or_else(|| "skipped".into());
+        let target = if p == "total" { "warm ≤ 20 s" } else { "" };
+        rows.push(row(format!("build {p} (cold / warm)"), format!("{cold} / {}", secs(warm)), target));
+    }
+}
+
+fn manifest(image: &Path) -> Result<Value> {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".manifest.json");
+    let text = std::fs::read_to_string(PathBuf::from(&p)).with_context(|| format!("cannot read {p:?}"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn size_rows(rows: &mut Vec<Row>, image: &Path) -> Result<()> {
+    let m = manifest(image)?;
+    let mib = |v: &Value| v.as_u64().map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_default();
+    rows.push(row("image size", mib(&m["image"]["bytes"]), ""));
+    rows.push(row("initramfs size (gzip)", mib(&m["initramfs_bytes"]), "≤ 24 MiB"));
+    rows.push(row("UKI size", mib(&m["uki_bytes"]), ""));
+    Ok(())
+}
+
+/// Our offline encryption's throughput over the whole root partition, against OpenSSL's
+/// aes-256-xts (the same cipher, same backend library) on this machine, in this run.
+fn encryption_row(warm: &Value, image: &Path) -> Result<Row> {
+    let m = manifest(image)?;
+    let bytes = m["partitions"][1]["size_bytes"].as_f64().context("root size")?;
+    let secs = warm["luks"].as_f64().context("luks time")?;
+    let ours = bytes / secs / 1e6;
+    let openssl = openssl_xts_mb_s()?;
+    Ok(row(
+        "encryption: ours / openssl (ratio)",
+        format!("{ours:.0} MB/s / {openssl:.0} MB/s ({:.2})", ours / openssl),
+        "≥ 0.5",
+    ))
+}
+
+fn openssl_xts_mb_s() -> Result<f64> {
+    let out = Command::new("openssl")
+        .args(["speed", "-evp", "aes-256-xts", "-seconds", "2", "-bytes", "1048576"])
+        .stderr(Stdio::null())
+        .output()
+        .context("cannot run openssl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Last line: "AES-256-XTS  123456.78k" (thousands of bytes per second).
+    let last = text.lines().rev().find(|l| l.to_lowercase().contains("xts")).context("no openssl result")?;
+    let k = last.split_whitespace().last().and_then(|v| v.trim_end_matches('k').parse::<f64>().ok());
+    k.map(|k| k * 1000.0 / 1e6).context("cannot parse openssl output")
+}
+
+fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
+    let image = dir.join("disk.img");
+    let work = dir.join("vm");
+    std::fs::create_dir_all(&work)?;
+    let mut cfg = VmConfig::new(&image, Firmware::find()?, &work);
+    cfg.console = Console::Captured;
+    cfg.snapshot = true;
+    let started = Instant::now();
+    let vm = Vm::start(cfg)?;
+    vm.wait_for(cloister_proto::marker::PASSPHRASE_PROMPT, Duration::from_secs(240))?;
+    let prompt_wall = started.elapsed().as_secs_f64();
+    vm.type_line("bench-only-passphrase")?;
+    let line = vm.wait_for(cloister_proto::marker::UNLOCKED, Duration::from_secs(240))?;
+    let unlock_wall = started.elapsed().as_secs_f64();
+    let guest_ms = cloister_proto::parse_unlocked_ms(&line).context("unlock line without time")?;
+    let console = vm.console_text();
+    let kdf_ms = step_ms(&console, "unlock").unwrap_or(0);
+    let prompt_ms = step_ms(&console, "passphrase").unwrap_or(0);
+    drop(vm);
+    let floor_ms = floor_guest_ms(&image, dir)?;
+    rows.push(row(
+        "boot: wall s to prompt / to unlock line (TCG)",
+        format!("{prompt_wall:.1} s / {unlock_wall:.1} s"),
+        "",
+    ));
+    rows.push(row("boot: guest ms at unlock line", format!("{guest_ms} ms"), ""));
+    rows.push(row("boot: guest ms in passphrase wait + KDF", format!("{} ms", prompt_ms + kdf_ms), ""));
+    rows.push(row("boot: guest ms of trivial init (floor)", format!("{floor_ms} ms"), ""));
+    let ours = guest_ms.saturating_sub(prompt_ms + kdf_ms).saturating_sub(floor_ms);
+    rows.push(row("boot: our init adds (KDF excluded)", format!("{ours} ms"), "≤ 1000 ms"));
+    Ok(())
+}
+
+/// `step <name>: ok (<ms> ms)` as stage 1 prints it.
+fn step_ms(console: &str, step: &str) -> Option<u64> {
+    let prefix = format!("step {step}: ok (");
+    console.lines().find_map(|l| {
+        let rest = &l[l.find(&prefix)? + prefix.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The same kernel (taken out of the image's UKI) with a busybox /init that prints the uptime
+/// and powers off: what any init costs before it does anything.
+fn floor_guest_ms(image: &Path, dir: &Path) -> Result<u64> {
+    let floor = dir.join("floor");
+    std::fs::create_dir_all(floor.join("root/bin"))?;
+    let esp = floor.join("esp.img");
+    let m = manifest(image)?;
+    let (start, size) = (&m["partitions"][0]["start_bytes"], &m["partitions"][0]["size_bytes"]);
+    run(Command::new("dd")
+        .arg(format!("if={}", image.display()))
+        .arg(format!("of={}", esp.display()))
+        .args(["bs=1M", "iflag=skip_bytes,count_bytes", "status=none"])
+        .arg(format!("skip={start}"))
+        .arg(format!("count={size}")))?;
+    let uki = floor.join("uki.efi");
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(&esp)
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&uki))?;
+    let kernel = floor.join("vmlinuz");
+    run(Command::new("objcopy").args(["-O", "binary", "--only-section=.linux"]).arg(&uki).arg(&kernel))?;
+    std::fs::copy("/bin/busybox", floor.join("root/bin/busybox"))
+        .context("busybox-static is needed for the floor")?;
+    let init = "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+                echo \"floor-uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n/bin/busybox poweroff -f\n";
+    std::fs::create_dir_all(floor.join("root/proc"))?;
+    std::fs::write(floor.join("root/init"), init)?;
+    run(Command::new("chmod").arg("755").arg(floor.join("root/init")))?;
+    let initrd = floor.join("initrd.cpio.gz");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && find . | cpio -o -H newc -R 0:0 --quiet | gzip -1 > {}",
+        floor.join("root").display(),
+        initrd.display()
+    )))?;
+    let out = Command::new("timeout")
+        .args(["120", "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1024"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 loglevel=4"])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run qemu for the floor")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| l.split("floor-uptime ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("the floor init printed no uptime:\n{text}"))?;
+    Ok((secs * 1000.0) as u64)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let w0 = rows.iter().map(|r| r.what.chars().count()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|r| r.value.chars().count()).max().unwrap_or(0);
+    println!("\n{:w0$}  {:w1$}  target", "measure", "value");
+    for r in rows {
+        println!("{:w0$}  {:w1$}  {}", r.what, r.value, r.target);
+    }
+}

@@ -1,0 +1,225 @@
+//! `cargo xtask test`: every tier in one command, the one CI runs.
+//!
+//! 1. unit and host-integration tests of every crate (`cargo nextest`, which prints each test's
+//!    duration; plain `cargo test` where nextest is missing);
+//! 2. a test image built by `cloister-build` as an unprivileged user (when run as root), with a
+//!    weak KDF that its manifest records;
+//! 3. `cloister-tests`: that image checked by independent tools, the builder's bad-input paths,
+//!    and the boots under QEMU, with `CLOISTER_E2E=1` and the paths in the environment.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{build, host};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Only the unit and host-integration tests: no image build, no VM.
+    #[arg(long)]
+    quick: bool,
+    /// Reuse the test image from a previous run if it exists (faster local iteration).
+    #[arg(long)]
+    reuse_image: bool,
+    /// Only run tests whose name contains this (passed to the test runner).
+    filter: Option<String>,
+}
+
+/// Test images lower the KDF cost so that a TCG boot unlocks in seconds; the manifest says so.
+pub const TEST_KDF_ARGS: &[&str] = &["--kdf-memory-mib", "64", "--kdf-iterations", "4"];
+/// The uid/gid the test image is built as when xtask runs as root (nobody:nogroup).
+const UNPRIVILEGED: &str = "65534";
+
+pub fn test(args: &TestArgs) -> Result<()> {
+    host::ensure(&[host::BUILD, host::RUN, host::TEST])?;
+    let mut timings: Vec<(&str, f64)> = Vec::new();
+
+    let t = Instant::now();
+    run_tests(&["--workspace", "--exclude", "cloister-tests"], args.filter.as_deref(), &[])?;
+    timings.push(("unit + host integration", t.elapsed().as_secs_f64()));
+    if args.quick {
+        return print_timings(&timings);
+    }
+
+    let t = Instant::now();
+    let bins = build::compile_pipeline()?;
+    timings.push(("compile pipeline (release)", t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let image = TestImage::build(&bins, args.reuse_image)?;
+    timings.push(("test image build (unprivileged)", t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let env = image.env(&bins)?;
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    run_tests(&["--package", "cloister-tests"], args.filter.as_deref(), &env)?;
+    timings.push(("image checks + QEMU end to end", t.elapsed().as_secs_f64()));
+    print_timings(&timings)
+}
+
+fn print_timings(timings: &[(&str, f64)]) -> Result<()> {
+    eprintln!("\nxtask test: phase durations");
+    for (name, secs) in timings {
+        eprintln!("  {name:34} {secs:8.1} s");
+    }
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    Command::new("cargo").args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Runs a set of tests; nextest prints a `PASS [ 1.234s] name` line per test.
+fn run_tests(selection: &[&str], filter: Option<&str>, env: &[(&str, &str)]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    if has_nextest() {
+        cmd.args([
+            "nextest",
+            "run",
+            "--no-fail-fast",
+            "--status-level",
+            "all",
+            "--final-status-level",
+            "slow",
+        ]);
+        cmd.args(selection);
+        cmd.args(filter);
+    } else {
+        eprintln!("xtask: cargo-nextest not found; per-test durations come from the tests' own output");
+        cmd.arg("test").args(selection).arg("--");
+        cmd.args(filter);
+        cmd.arg("--nocapture");
+    }
+    cmd.current_dir(build::workspace_root()).envs(env.iter().copied());
+    let status = cmd.status().with_context(|| format!("cannot run {cargo}"))?;
+    if !status.success() {
+        bail!("tests failed ({})", selection.join(" "));
+    }
+    Ok(())
+}
+
+/// The image the end-to-end tests boot, with the passphrase file they type from.
+struct TestImage {
+    dir: PathBuf,
+    image: PathBuf,
+    passphrase_file: PathBuf,
+}
+
+impl TestImage {
+    fn build(bins: &build::Binaries, reuse: bool) -> Result<Self> {
+        let dir = build::target_dir().join("test-image");
+        let image = dir.join("disk.img");
+        let passphrase_file = dir.join("passphrase");
+        let me = Self { dir: dir.clone(), image: image.clone(), passphrase_file: passphrase_file.clone() };
+        if reuse && image.is_file() && passphrase_file.is_file() {
+            eprintln!("xtask: reusing {}", image.display());
+            return Ok(me);
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // A fresh random passphrase per run: it only ever exists in this file, which the tests
+        // read and which lives in the test image's own directory.
+        write_private(&passphrase_file, random_passphrase()?.as_bytes())?;
+        let config = build::workspace_root().join("tests").join("test-image.toml");
+        let mut args: Vec<String> = vec!["--config".into(), config.display().to_string()];
+        args.extend(["--output".into(), image.display().to_string()]);
+        args.extend(["--passphrase-file".into(), passphrase_file.display().to_string()]);
+        args.extend(["--list-files".into(), dir.join("files.jsonl").display().to_string()]);
+        args.extend(TEST_KDF_ARGS.iter().map(|s| s.to_string()));
+        run_builder(bins, &dir, &args)?;
+        Ok(me)
+    }
+
+    fn env(&self, bins: &build::Binaries) -> Result<Vec<(&'static str, String)>> {
+        let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
+        Ok(vec![
+            ("CLOISTER_E2E", "1".into()),
+            ("CLOISTER_TEST_IMAGE", self.image.display().to_string()),
+            ("CLOISTER_TEST_PASSPHRASE_FILE", self.passphrase_file.display().to_string()),
+            ("CLOISTER_TEST_WORK", self.dir.join("work").display().to_string()),
+            ("CLOISTER_BUILDER_BIN", bins.builder.display().to_string()),
+            ("CLOISTER_INIT_BIN", bins.init.display().to_string()),
+            ("CLOISTER_XTASK_BIN", xtask.display().to_string()),
+        ])
+    }
+}
+
+fn random_passphrase() -> Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 18];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n")
+}
+
+/// Runs the builder as nobody when we are root, proving the build needs no privileges. The
+/// binaries are copied into the test directory first: the workspace may sit under a home
+/// directory that nobody cannot enter.
+fn run_builder(bins: &build::Binaries, dir: &Path, args: &[String]) -> Result<()> {
+    let mut cmd = if host::is_root() {
+        let bin_dir = dir.join("bin");
+        std::fs::create_dir_all(&bin_dir)?;
+        let builder = bin_dir.join("cloister-build");
+        std::fs::copy(&bins.builder, &builder)?;
+        std::fs::copy(&bins.init, bin_dir.join("cloister-init"))?;
+        let cache = PathBuf::from("/var/cache/cloister-test-unprivileged");
+        std::fs::create_dir_all(&cache)?;
+        let config_copy = dir.join("test-image.toml");
+        std::fs::copy(build::workspace_root().join("tests").join("test-image.toml"), &config_copy)?;
+        chown_nobody(&[dir, &cache])?;
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", UNPRIVILEGED, "--regid", UNPRIVILEGED, "--clear-groups", "--"]);
+        c.arg(&builder).arg("--cache-dir").arg(&cache);
+        c.env("HOME", dir);
+        let args: Vec<String> =
+            args.iter()
+                .map(|a| {
+                    if a.ends_with("test-image.toml") {
+                        config_copy.display().to_string()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect();
+        c.args(args);
+        c
+    } else {
+        let mut c = Command::new(&bins.builder);
+        c.arg("--init-bin").arg(&bins.init).args(args);
+        c
+    };
+    cmd.current_dir(dir);
+    let status = cmd.status().context("cannot run cloister-build")?;
+    if !status.success() {
+        bail!("test image build failed: {status}");
+    }
+    Ok(())
+}
+
+fn chown_nobody(paths: &[&Path]) -> Result<()> {
+    let owner = format!("{UNPRIVILEGED}:{UNPRIVILEGED}");
+    let status =
+        Command::new("chown").arg("-R").arg(&owner).args(paths).status().context("cannot run chown")?;
+    if !status.success() {
+        bail!("chown {owner} failed");
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(contents).with_context(|| format!("cannot write {}", path.display()))
+}
