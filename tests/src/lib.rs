@@ -18,6 +18,8 @@ pub struct E2e {
     pub builder: PathBuf,
     pub init: PathBuf,
     pub xtask: PathBuf,
+    /// The package cache the test image was built with (warm), owned by nobody.
+    pub cache: PathBuf,
 }
 
 impl E2e {
@@ -35,6 +37,7 @@ impl E2e {
             builder: var("CLOISTER_BUILDER_BIN"),
             init: var("CLOISTER_INIT_BIN"),
             xtask: var("CLOISTER_XTASK_BIN"),
+            cache: var("CLOISTER_TEST_CACHE"),
         };
         // With CLOISTER_E2E set, a missing path is a broken harness, not a reason to skip.
         assert!(me.image.is_file(), "CLOISTER_TEST_IMAGE {} is not a file", me.image.display());

@@ -140,3 +140,44 @@ fn missing_host_package_is_named_with_the_apt_line() -> Result<()> {
     ensure!(err.contains("xfsprogs") && err.contains("apt-get install"), "{err}");
     Ok(())
 }
+
+#[test]
+fn full_output_filesystem_is_a_clear_error_and_leaves_nothing() -> Result<()> {
+    let Some(e2e) = E2e::from_env("full") else { return Ok(()) };
+    let dir = e2e.scratch("full")?;
+    let pass = dir.join("pass");
+    std::fs::write(&pass, "secret\n")?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let bins = dir.join("bin");
+    std::fs::create_dir_all(&bins)?;
+    std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
+    std::fs::copy(&e2e.init, bins.join("cloister-init"))?;
+    // A 64 MiB tmpfs in a mount namespace of this test's own: the host's mounts never change,
+    // and the filesystem vanishes with the namespace. The build runs as nobody, like the test
+    // image's, with the same warm package cache, and fills the tmpfs while unpacking.
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small)?;
+    let script = format!(
+        "mount -t tmpfs -o size=64m,mode=1777 cloister-full-test {small} && \
+         setpriv --reuid 65534 --regid 65534 --clear-groups -- {bin} --init-bin {init} \
+           --cache-dir {cache} --output {small}/disk.img --passphrase-file {pass}; \
+         echo \"exit=$?\"; echo \"left=$(ls -A {small})\"",
+        small = small.display(),
+        bin = bins.join("cloister-build").display(),
+        init = bins.join("cloister-init").display(),
+        cache = e2e.cache.display(),
+        pass = pass.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()?;
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    ensure!(text.contains("exit=1"), "the build did not fail on a full filesystem:\n{text}");
+    ensure!(text.contains("No space left on device"), "the error does not say the disk is full:\n{text}");
+    ensure!(
+        text.contains("left=\n") || text.trim_end().ends_with("left="),
+        "partial output left behind:\n{text}"
+    );
+    Ok(())
+}

@@ -64,6 +64,7 @@ fn unlock_with_retry_then_power_button_leaves_clean_xfs() -> Result<()> {
     ensure!(!vm.console_text().contains(&passphrase), "the passphrase was echoed on the console");
 
     timed("power button powers off cleanly", || {
+        vm.wait_for(marker::POWER_BUTTON_ARMED, TO_UNLOCK)?;
         vm.power_button()?;
         vm.wait_for(marker::POWER_OFF, TO_POWER_OFF)?;
         let status = vm.wait_exit(TO_POWER_OFF)?;

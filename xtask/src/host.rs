@@ -7,16 +7,23 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Packages every image build needs: native libraries the crates link against, and the tools
-/// the pipeline runs (mkfs.xfs, objcopy, depmod, systemd-stub).
-pub const BUILD: &[&str] =
-    &["libcryptsetup-dev", "libclang-dev", "pkg-config", "xfsprogs", "systemd-boot-efi", "binutils", "kmod"];
+/// the pipeline runs (mkfs.xfs/xfs_db, objcopy, depmod, mtools, systemd-stub).
+pub const BUILD: &[&str] = &[
+    "libcryptsetup-dev",
+    "libclang-dev",
+    "pkg-config",
+    "xfsprogs",
+    "systemd-boot-efi",
+    "binutils",
+    "kmod",
+    "mtools",
+];
 
 /// Packages `cargo xtask run` needs on top of [`BUILD`].
 pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];
 
 /// Packages the tests use to check images with independent tools.
-pub const TEST: &[&str] =
-    &["cryptsetup-bin", "fdisk", "dosfstools", "mtools", "cpio", "openssl", "busybox-static"];
+pub const TEST: &[&str] = &["cryptsetup-bin", "fdisk", "dosfstools", "cpio", "openssl", "busybox-static"];
 
 /// Test hook: a comma-separated list of packages to treat as missing, so the missing-package
 /// path can be tested without ever removing a package from the host. Never auto-installs.

@@ -31,6 +31,8 @@ pub struct TestArgs {
 pub const TEST_KDF_ARGS: &[&str] = &["--kdf-memory-mib", "64", "--kdf-iterations", "4"];
 /// The uid/gid the test image is built as when xtask runs as root (nobody:nogroup).
 const UNPRIVILEGED: &str = "65534";
+/// The package cache of those builds, outside any home directory nobody could not enter.
+const UNPRIVILEGED_CACHE: &str = "/var/cache/cloister-test-unprivileged";
 
 pub fn test(args: &TestArgs) -> Result<()> {
     host::ensure(&[host::BUILD, host::RUN, host::TEST])?;
@@ -145,6 +147,7 @@ impl TestImage {
             ("CLOISTER_BUILDER_BIN", bins.builder.display().to_string()),
             ("CLOISTER_INIT_BIN", bins.init.display().to_string()),
             ("CLOISTER_XTASK_BIN", xtask.display().to_string()),
+            ("CLOISTER_TEST_CACHE", UNPRIVILEGED_CACHE.into()),
         ])
     }
 }
@@ -168,7 +171,7 @@ fn run_builder(bins: &build::Binaries, dir: &Path, args: &[String]) -> Result<()
         let builder = bin_dir.join("cloister-build");
         std::fs::copy(&bins.builder, &builder)?;
         std::fs::copy(&bins.init, bin_dir.join("cloister-init"))?;
-        let cache = PathBuf::from("/var/cache/cloister-test-unprivileged");
+        let cache = PathBuf::from(UNPRIVILEGED_CACHE);
         std::fs::create_dir_all(&cache)?;
         let config_copy = dir.join("test-image.toml");
         std::fs::copy(build::workspace_root().join("tests").join("test-image.toml"), &config_copy)?;

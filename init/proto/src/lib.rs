@@ -32,6 +32,9 @@ pub mod marker {
     pub const UNLOCKED: &str = "cloister: root unlocked and mounted";
     /// Printed when no partition carries the root's PARTUUID; the disks seen follow.
     pub const NO_ROOT: &str = "cloister: no root partition found";
+    /// Printed by stage 2 once the ACPI power button is watched: a press before this line is
+    /// lost (the button driver is not loaded yet), so tests wait for it before pressing.
+    pub const POWER_BUTTON_ARMED: &str = "cloister: power button armed";
     /// Printed when an orderly shutdown starts.
     pub const SHUTDOWN: &str = "cloister: shutting down";
     /// Last line before the power is cut after an orderly shutdown.

@@ -1,0 +1,49 @@
+//! `cloister-init`: PID 1 of the appliance. As `/init` in the initramfs it runs stage 1 (unlock
+//! the LUKS2 root, mount it, switch_root); on the root it runs as `/usr/lib/cloister/init
+//! --stage2`; at shutdown stage 2 pivots back into a copy of the initramfs kept in /run and runs
+//! `/init --shutdown` there to unmount and close the root. PID 1 must never exit or panic: errors are values, and the panic hook (the last
+//! resort) writes to the consoles and powers off.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod clock;
+mod cmdline;
+mod console;
+mod gpt;
+mod guard;
+mod input;
+mod kmod;
+mod mounts;
+mod passphrase;
+mod power;
+mod root;
+mod shutdown;
+mod stage1;
+mod stage2;
+mod unlock;
+
+use std::time::Duration;
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        let consoles = console::Consoles::open(&cmdline::Cmdline::read());
+        consoles.line(&format!("{} panic: {info}", cloister_proto::marker::FATAL));
+        // On a host (not PID 1 of an appliance) the guard refuses and the process aborts as usual.
+        if guard::check("power off after panic").is_ok() {
+            power::halt_after(Duration::from_secs(10), &consoles);
+        }
+    }));
+    // Every stage mounts over /dev, /proc… and ends in a power off: never as an ordinary process
+    // on a developer's host. (/proc is not mounted yet, so the appliance flag is checked later,
+    // by stage 1 right after its mounts and by every machine-global action.)
+    if std::process::id() != 1 {
+        eprintln!("cloister-init: refusing to run: not pid 1");
+        std::process::exit(2);
+    }
+    match std::env::args().nth(1).as_deref() {
+        Some(cloister_proto::STAGE2_ARG) => stage2::run(),
+        Some(shutdown::SHUTDOWN_ARG) => shutdown::run(),
+        _ => stage1::run(),
+    }
+}

@@ -1,0 +1,146 @@
+//! Stage 1, PID 1 in the initramfs: a fixed list of named boot steps from the API mounts to the
+//! exec of stage 2 on the unlocked root. Each step prints `step <name>: ok (<ms> ms)`; the first
+//! failure prints `cloister: fatal: <step>: <error>` and powers off after a delay.
+
+use std::convert::Infallible;
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cloister_proto::{marker, ROOT_MAPPING, STAGE2_ARG, STAGE2_PATH};
+
+use crate::cmdline::Cmdline;
+use crate::console::Consoles;
+use crate::unlock::{Luks, UnlockError};
+use crate::{clock, kmod, mounts, passphrase, power, root};
+
+/// How long to wait for the root partition to appear.
+const ROOT_TIMEOUT: Duration = Duration::from_secs(30);
+const ROOT_POLL: Duration = Duration::from_millis(100);
+/// How long a fatal message stays on screen before the power goes.
+const FATAL_DELAY: Duration = Duration::from_secs(10);
+
+/// The step that failed and why, as one console line.
+pub struct Fatal {
+    step: &'static str,
+    error: String,
+}
+
+fn step<T, E: Display>(
+    c: &Consoles,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, Fatal> {
+    step_from(c, name, Instant::now(), f)
+}
+
+/// Like [`step`], timed from `start` (the API mounts happen before any console is open).
+fn step_from<T, E: Display>(
+    c: &Consoles,
+    name: &'static str,
+    start: Instant,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, Fatal> {
+    match f() {
+        Ok(v) => {
+            c.line(&format!("step {name}: ok ({} ms)", start.elapsed().as_millis()));
+            Ok(v)
+        }
+        Err(e) => Err(Fatal { step: name, error: e.to_string() }),
+    }
+}
+
+pub fn run() -> ! {
+    // libdevmapper must make /dev/mapper nodes itself: there is no udev in the initramfs.
+    std::env::set_var("DM_DISABLE_UDEV", "1");
+    let mut consoles = Consoles::stderr_only();
+    let Err(fatal) = boot(&mut consoles);
+    consoles.line(&format!("{} {}: {}", marker::FATAL, fatal.step, fatal.error));
+    power::halt_after(FATAL_DELAY, &consoles)
+}
+
+fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
+    let start = Instant::now();
+    let mounted = mounts::mount_api();
+    let cmdline = Cmdline::read();
+    *consoles = Consoles::open(&cmdline);
+    let c: &Consoles = consoles;
+    c.line(marker::STAGE1_STARTED);
+    c.line(&format!("cloister: boot clock {} ms", clock::boot_ms()));
+    step_from(c, "mount-api", start, || mounted)?;
+    step(c, "appliance", || crate::guard::check("boot"))?;
+
+    step(c, "modules", || load_modules(c))?;
+    let dev = step(c, "find-root", || find_root(c, &cmdline))?;
+    step(c, "unlock", || unlock(c, &dev))?;
+    let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
+    step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
+    // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
+    if let Err(e) = step(c, "save-initramfs", mounts::save_initramfs) {
+        c.line(&format!("cloister: {}: {}", e.step, e.error));
+    }
+    c.line(&format!("cloister: switching to {STAGE2_PATH} at {} ms since boot", clock::boot_ms()));
+    step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
+}
+
+fn load_modules(c: &Consoles) -> Result<usize, kmod::KmodError> {
+    let dir = kmod::modules_dir()?;
+    let list = std::fs::read_to_string(kmod::MODULES_LIST)
+        .map_err(|source| kmod::KmodError::Read { path: kmod::MODULES_LIST.into(), source })?;
+    Ok(kmod::load_list(&dir, &list, &|s| c.line(s)))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FindRootError {
+    #[error(transparent)]
+    Cmdline(#[from] crate::cmdline::CmdlineError),
+    #[error("no partition with PARTUUID={0} after {1} s")]
+    NotFound(String, u64),
+}
+
+fn find_root(c: &Consoles, cmdline: &Cmdline) -> Result<PathBuf, FindRootError> {
+    let spec = cmdline.root()?;
+    match root::wait_for(&root::Paths::default(), &spec.partuuid, ROOT_TIMEOUT, ROOT_POLL) {
+        Ok(dev) => {
+            c.line(&format!("cloister: root is {}", dev.display()));
+            Ok(dev)
+        }
+        Err(seen) => {
+            c.line(marker::NO_ROOT);
+            for s in seen {
+                c.line(&format!("cloister:   {s}"));
+            }
+            Err(FindRootError::NotFound(spec.partuuid, ROOT_TIMEOUT.as_secs()))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UnlockStepError {
+    #[error(transparent)]
+    LockDir(mounts::MountError),
+    #[error(transparent)]
+    Ask(#[from] passphrase::AskError),
+    #[error(transparent)]
+    Unlock(#[from] UnlockError),
+}
+
+/// Asks until a passphrase opens the root; wrong ones cost a growing delay.
+fn unlock(c: &Consoles, dev: &std::path::Path) -> Result<(), UnlockStepError> {
+    mounts::make_dir(crate::unlock::LOCK_DIR, 0o700).map_err(UnlockStepError::LockDir)?;
+    let mut luks = Luks::open(dev)?;
+    let mut failures = 0u32;
+    loop {
+        c.line(&format!("cloister: asking for the passphrase at {} ms since boot", clock::boot_ms()));
+        let pass = passphrase::ask(c, &dev.display().to_string())?;
+        match luks.activate(ROOT_MAPPING, &pass) {
+            Ok(()) => return Ok(()),
+            Err(UnlockError::WrongPassphrase) => {
+                failures = failures.saturating_add(1);
+                c.line(marker::WRONG_PASSPHRASE);
+                std::thread::sleep(passphrase::backoff(failures));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
