@@ -17,7 +17,7 @@ pub const MIN_ROOT_MIB: u64 = 300 + 32;
 /// One MiB for the GPT at each end and alignment.
 const GPT_OVERHEAD_MIB: u64 = 2;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub image: ImageConfig,
@@ -53,17 +53,6 @@ pub struct KdfConfig {
 pub struct BootConfig {
     pub consoles: Vec<String>,
     pub cmdline_extra: Vec<String>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            image: ImageConfig::default(),
-            packages: PackagesConfig::default(),
-            kdf: KdfConfig::default(),
-            boot: BootConfig::default(),
-        }
-    }
 }
 
 impl Default for ImageConfig {

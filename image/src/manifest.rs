@@ -22,7 +22,12 @@ pub struct Manifest {
     pub packages: Vec<PackageEntry>,
     pub image: ArtifactEntry,
     pub initramfs_bytes: u64,
+    /// Kernel modules stage 1 loads, in load order.
+    pub initramfs_modules: Vec<String>,
     pub uki_bytes: u64,
+    /// RAM a target needs to unlock the root: the KDF's memory plus room for kernel and
+    /// initramfs.
+    pub min_ram_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +121,9 @@ mod tests {
             }],
             image: ArtifactEntry { bytes: layout.disk_bytes, sha256: "cd".repeat(32) },
             initramfs_bytes: 1,
+            initramfs_modules: vec!["dm_crypt".into()],
             uki_bytes: 2,
+            min_ram_mib: 288,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manifest.json");

@@ -34,6 +34,8 @@ pub enum DebError {
     MissingMember { deb: PathBuf, member: &'static str },
     #[error("{deb}: control file lacks {field}")]
     BadControl { deb: PathBuf, field: &'static str },
+    #[error("{deb}: {sha256:?} is not a sha256 to key the unpack cache with")]
+    BadCacheKey { deb: PathBuf, sha256: String },
     #[error("{deb}: refusing entry {entry:?}: {reason}")]
     Unsafe { deb: PathBuf, entry: PathBuf, reason: &'static str },
     #[error(
@@ -87,6 +89,62 @@ pub fn unpack(deb: &Path, tree: &mut Tree) -> Result<DebInfo, DebError> {
     let mut info = control.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "control.tar" })?;
     info.entries = entries.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "data.tar" })?;
     Ok(info)
+}
+
+/// Like [`unpack`], but keeps the decompressed data.tar in `cache_dir` under the .deb's SHA256,
+/// so a warm build reads plain tar instead of decompressing xz again (most of the rootfs
+/// phase's time). Keyed by content, the cached file can never go stale. The same safety checks
+/// apply: the cached tar is as untrusted as the .deb it came from.
+pub fn unpack_cached(
+    deb: &Path,
+    sha256: &str,
+    cache_dir: &Path,
+    tree: &mut Tree,
+) -> Result<DebInfo, DebError> {
+    let read = |source| DebError::Read { deb: deb.to_owned(), source };
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(DebError::BadCacheKey { deb: deb.to_owned(), sha256: sha256.to_owned() });
+    }
+    let cached = cache_dir.join(format!("{sha256}.data.tar"));
+    let mut control = None;
+    let file = fs::File::open(deb).map_err(read)?;
+    let mut ar = ar::Archive::new(io::BufReader::new(file));
+    while let Some(member) = ar.next_entry() {
+        let member = member.map_err(read)?;
+        let name = String::from_utf8_lossy(member.header().identifier()).into_owned();
+        if let Some(kind) = name.strip_prefix("control.tar") {
+            control = Some(read_control(decompress(deb, &name, kind, member)?, deb)?);
+        } else if let Some(kind) = name.strip_prefix("data.tar") {
+            if !cached.is_file() {
+                store_decompressed(decompress(deb, &name, kind, member)?, &cached).map_err(read)?;
+            }
+        }
+    }
+    let mut info = control.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "control.tar" })?;
+    let data = fs::File::open(&cached)
+        .map_err(|_| DebError::MissingMember { deb: deb.to_owned(), member: "data.tar" })?;
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, data));
+    info.entries = Unpacker { deb, tree }.all(&mut archive)?;
+    Ok(info)
+}
+
+/// Writes `r` to `out` through a temporary file, so an interrupted build never leaves a
+/// truncated tar that a later build would trust.
+fn store_decompressed(mut r: impl Read, out: &Path) -> io::Result<()> {
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        io::copy(&mut r, &mut f)?;
+        f.sync_all()?;
+        fs::rename(&tmp, out)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn decompress<'a>(
@@ -532,6 +590,35 @@ mod tests {
         assert_eq!(tree.get(Path::new("usr/bin/su2")).unwrap().kind, Kind::File);
         assert_eq!(fs::read(tree.host_path(Path::new("usr/bin/su2"))).unwrap(), b"ELF su");
         assert_eq!(tree.get(Path::new("var/lib/tor")).unwrap().mode, 0o2700);
+    }
+
+    #[test]
+    fn cached_unpack_gives_the_same_tree_and_keeps_plain_tar() {
+        let (dir, mut plain) = setup();
+        let entries = [
+            E::Dir("./", 0o755),
+            E::File("./bin/su", b"ELF su", 0o4755, 0, 0),
+            E::Sym("./lib/x86_64-linux-gnu/libz.so.1", "libz.so.1.2"),
+            E::Dir("./var/lib/tor/", 0o2700),
+        ];
+        let deb = build_deb(&dir.path().join("t.deb"), &entries, "xz");
+        unpack(&deb, &mut plain).unwrap();
+        let cache = dir.path().join("tars");
+        let sha = "ab".repeat(32);
+        for round in 0..2 {
+            let mut cached = Tree::new(dir.path().join(format!("cached{round}"))).unwrap();
+            merged_usr(&mut cached).unwrap();
+            let info = unpack_cached(&deb, &sha, &cache, &mut cached).unwrap();
+            assert_eq!(info.entries, entries.len() - 1);
+            let a: Vec<_> = plain.iter().map(|(p, n)| (p.to_owned(), n.clone())).collect();
+            let b: Vec<_> = cached.iter().map(|(p, n)| (p.to_owned(), n.clone())).collect();
+            assert_eq!(a, b, "round {round}");
+        }
+        let stored = fs::read(cache.join(format!("{sha}.data.tar"))).unwrap();
+        assert_eq!(&stored[257..262], b"ustar", "the cache holds plain tar");
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 1, "no temporary file left");
+        let bad = unpack_cached(&deb, "../../etc", &cache, &mut plain).unwrap_err();
+        assert!(matches!(bad, DebError::BadCacheKey { .. }), "{bad}");
     }
 
     #[test]

@@ -11,6 +11,8 @@ mod build;
 mod host;
 mod run;
 mod test;
+#[cfg(test)]
+mod tidy;
 
 use std::process::ExitCode;
 

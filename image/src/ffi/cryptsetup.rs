@@ -8,6 +8,9 @@ use libcryptsetup_rs::{CryptDevice, LibcryptErr};
 pub(crate) type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// libcryptsetup passes `(size, offset, usrptr)`; returning non-zero would abort the run.
+///
+/// # Safety
+/// `usrptr` must be null or the `&mut Progress` that [`run_reencrypt`] hands to libcryptsetup.
 unsafe extern "C" fn trampoline(size: u64, offset: u64, usrptr: *mut c_void) -> c_int {
     if usrptr.is_null() {
         return 0;

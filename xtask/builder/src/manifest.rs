@@ -25,6 +25,7 @@ pub struct Inputs<'a> {
     pub rootfs: &'a Rootfs,
     pub initrd: &'a Initrd,
     pub uki_bytes: u64,
+    pub min_ram_mib: u64,
     pub debs: &'a [FetchedDeb],
 }
 
@@ -52,7 +53,9 @@ pub fn write(i: &Inputs) -> Result<PathBuf> {
             .collect(),
         image: ArtifactEntry { bytes: i.image.bytes, sha256: i.image.sha256.clone() },
         initramfs_bytes: i.initrd.bytes,
+        initramfs_modules: i.initrd.modules.clone(),
         uki_bytes: i.uki_bytes,
+        min_ram_mib: i.min_ram_mib,
     };
     let mut path = i.image.path.as_os_str().to_owned();
     path.push(".manifest.json");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cloister_rootfs::apt::FetchedDeb;
-use cloister_rootfs::deb::{self, DebInfo};
+use cloister_rootfs::deb;
 use cloister_rootfs::tree::{Kind, Node, Tree};
 use cloister_rootfs::{elf, modules, users};
 use sha2::{Digest, Sha256};
@@ -21,7 +21,6 @@ pub struct Rootfs {
     pub kernel_version: String,
     /// The kernel image on the build host (inside the staging directory).
     pub kernel_image: PathBuf,
-    pub debs: Vec<DebInfo>,
 }
 
 /// Directories PID 1 mounts over or needs; packages do not all ship them.
@@ -34,17 +33,14 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
     ("var/lib/cloister", 0o700),
 ];
 
-pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path) -> Result<Rootfs> {
+pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path, tar_cache: &Path) -> Result<Rootfs> {
     let mut tree = Tree::new(staging)?;
     deb::merged_usr(&mut tree)?;
-    let mut infos = Vec::with_capacity(debs.len());
     let mut bar = Progress::new("unpack", debs.len() as u64, false);
     for (i, fetched) in debs.iter().enumerate() {
         bar.set(i as u64, &fetched.spec.name);
-        infos.push(
-            deb::unpack(&fetched.path, &mut tree)
-                .with_context(|| format!("unpacking {}", fetched.spec.name))?,
-        );
+        deb::unpack_cached(&fetched.path, &fetched.spec.sha256, tar_cache, &mut tree)
+            .with_context(|| format!("unpacking {}", fetched.spec.name))?;
     }
     bar.finish();
     prune_documentation(&mut tree);
@@ -64,7 +60,7 @@ pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path) -> Result<Roo
         bail!("kernel image {} missing from the kernel package", kernel_image.display());
     }
     check_libraries(&tree, init_bin)?;
-    Ok(Rootfs { tree, kernel_version, kernel_image, debs: infos })
+    Ok(Rootfs { tree, kernel_version, kernel_image })
 }
 
 /// Manuals and documentation have no reader on an appliance without a shell, and some names
