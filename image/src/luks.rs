@@ -5,6 +5,7 @@
 //! (make the XFS [`LUKS_RESERVE_BYTES`] smaller than the file).
 
 use std::fs::OpenOptions;
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -72,6 +73,11 @@ pub enum LuksError {
 
 /// Encrypts `image` in place with one keyslot (slot 0) for `passphrase`; `progress` gets
 /// (bytes done, bytes total) while the data is rewritten.
+///
+/// The reencryption itself runs on a throwaway keyslot with a random passphrase and a cheap
+/// KDF: it needs the passphrase twice (initialise, resume), and with the production KDF each
+/// derivation costs seconds. The user's keyslot is added once at the end, with `kdf`, and the
+/// throwaway one is destroyed (libcryptsetup wipes its key material).
 pub fn encrypt_in_place(
     image: &Path,
     passphrase: &[u8],
@@ -83,20 +89,50 @@ pub fn encrypt_in_place(
         return Err(LuksError::BadSize { path: image.into(), size });
     }
     let step = |step| move |source| LuksError::Crypt { step, path: image.into(), source };
+    let temp =
+        TempPassphrase::new().map_err(|source| LuksError::Io { path: "/dev/urandom".into(), source })?;
     {
         let header = TempHeader::create(image)?;
-        init_reencryption(&header.0, image, passphrase, kdf).map_err(step("initialise"))?;
+        init_reencryption(&header.0, image, &temp.0, &CHEAP_KDF).map_err(step("initialise"))?;
         let mut dev = CryptInit::init(image).map_err(step("open"))?;
         dev.backup_handle()
             .header_restore(Some(EncryptionFormat::Luks2), &header.0)
             .map_err(step("restore header"))?;
     }
-    let mut dev = open(image, kdf).map_err(step("open"))?;
+    let mut dev = open(image, &CHEAP_KDF).map_err(step("open"))?;
     dev.reencrypt_handle()
-        .reencrypt_init_by_passphrase(None, passphrase, None, Some(KEYSLOT), Some(CIPHER), params(resume()))
+        .reencrypt_init_by_passphrase(None, &temp.0, None, Some(TEMP_KEYSLOT), Some(CIPHER), params(resume()))
         .map_err(step("resume reencryption"))?;
     run_reencrypt(&mut dev, progress).map_err(step("reencrypt"))?;
+    dev.settings_handle().set_pbkdf_type(&pbkdf(kdf)).map_err(step("set kdf"))?;
+    dev.keyslot_handle()
+        .add_by_passphrase(Some(KEYSLOT), &temp.0, passphrase)
+        .map_err(step("add the passphrase keyslot"))?;
+    dev.keyslot_handle().destroy(TEMP_KEYSLOT).map_err(step("destroy the temporary keyslot"))?;
     read_info(&mut dev).map_err(step("read header"))
+}
+
+/// The throwaway keyslot's cost: the reencryption needs some keyslot, not a strong one.
+const CHEAP_KDF: KdfParams = KdfParams { memory_kib: 32, time_ms: 1, iterations: Some(4), parallel: 1 };
+const TEMP_KEYSLOT: u32 = 1;
+
+/// 32 random bytes, hex-encoded, zeroed on drop.
+struct TempPassphrase(Vec<u8>);
+
+impl TempPassphrase {
+    fn new() -> std::io::Result<Self> {
+        let mut raw = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+        let pass = hex::encode(raw).into_bytes();
+        raw.fill(0);
+        Ok(Self(pass))
+    }
+}
+
+impl Drop for TempPassphrase {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// Formats a detached header for `image`, adds the keyslot and records the reencryption; this
@@ -116,13 +152,13 @@ fn init_reencryption(header: &Path, image: &Path, pass: &[u8], kdf: &KdfParams) 
         Either::Right(KEY_BYTES),
         Some(&mut luks2_ref),
     )?;
-    dev.keyslot_handle().add_by_key(Some(KEYSLOT), None, pass, CryptVolumeKey::empty())?;
+    dev.keyslot_handle().add_by_key(Some(TEMP_KEYSLOT), None, pass, CryptVolumeKey::empty())?;
     let flags = CryptReencrypt::INITIALIZE_ONLY | CryptReencrypt::MOVE_FIRST_SEGMENT;
     dev.reencrypt_handle().reencrypt_init_by_passphrase(
         None,
         pass,
         None,
-        Some(KEYSLOT),
+        Some(TEMP_KEYSLOT),
         Some(CIPHER),
         params(flags),
     )?;

@@ -48,6 +48,9 @@ fn encrypts_in_place_and_the_cli_agrees() {
         assert!(dump.contains(want), "{want:?} missing in:\n{dump}");
     }
     assert!(!dump.contains("online-reencrypt"), "no reencryption requirement left:\n{dump}");
+    // Exactly one keyslot, slot 0: the throwaway slot the reencryption ran on is destroyed.
+    let slots: Vec<&str> = dump.lines().filter(|l| l.trim_end().ends_with(": luks2")).collect();
+    assert_eq!(slots, ["  0: luks2"], "keyslots left:\n{dump}");
     assert_eq!(aligned_magic_count(&img, b"XFSB", 512), 0, "plaintext superblock left");
     assert_eq!(aligned_magic_count(&img, MARKER, 4096), 0, "plaintext file content left");
 

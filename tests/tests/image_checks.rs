@@ -87,6 +87,8 @@ fn root_is_luks2_argon2id_aes_xts_512_and_only_the_right_passphrase_opens_it() -
     for want in ["argon2id", "aes-xts-plain64", "512 bits", "sector: 4096"] {
         ensure!(dump.contains(want), "luksDump lacks {want:?}:\n{dump}");
     }
+    let slots: Vec<&str> = dump.lines().filter(|l| l.trim_end().ends_with(": luks2")).collect();
+    ensure!(slots == ["  0: luks2"], "expected only keyslot 0, got {slots:?}");
     ensure!(luks_accepts(&root, &e2e.passphrase()?)?, "the build's passphrase does not open the root");
     ensure!(!luks_accepts(&root, "not the passphrase")?, "a wrong passphrase opened the root");
     std::fs::remove_dir_all(dir)?;
@@ -106,7 +108,14 @@ fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> 
     let mount = LoopMount::read_only(&root, &dir.join("mnt"))?;
     let mismatches = compare_tree(mount.path(), &listing)?;
     let missing = unresolved_libraries(mount.path())?;
+    let ld_cache = ld_so_cache_lists(&mount.path().join("etc/ld.so.cache"), "libcryptsetup.so.12");
     drop(mount);
+    let ld_cache = ld_cache?;
+    ensure!(
+        ld_cache.contains("=> /lib/x86_64-linux-gnu/libcryptsetup.so.12")
+            || ld_cache.contains("=> /usr/lib/x86_64-linux-gnu/libcryptsetup.so.12"),
+        "ld.so.cache does not map libcryptsetup to an image path: {ld_cache}"
+    );
     ensure!(missing.is_empty(), "unresolved libraries in the root: {missing:#?}");
     ensure!(
         mismatches.is_empty(),
@@ -159,6 +168,13 @@ fn unresolved_libraries(root: &Path) -> Result<Vec<String>> {
     ensure!(!files.is_empty(), "no files under {}", root.display());
     let missing = cloister_rootfs::elf::check_tree(root, files.iter().map(|p| p.as_path()));
     Ok(missing.iter().map(ToString::to_string).collect())
+}
+
+/// The entries of an ld.so.cache naming `soname`, as the host's ldconfig prints them: the
+/// paths must be the image's own, not the build's staging directory.
+fn ld_so_cache_lists(cache: &Path, soname: &str) -> Result<String> {
+    let out = run(Command::new("/sbin/ldconfig").arg("-p").arg("-C").arg(cache))?;
+    Ok(stdout(&out).lines().filter(|l| l.contains(soname)).collect::<Vec<_>>().join("\n"))
 }
 
 /// The builder's `--list-files` output: one JSON object per line.

@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use cloister_rootfs::apt::FetchedDeb;
@@ -55,6 +56,7 @@ pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path, tar_cache: &P
     let kernel_version = modules::find_kernel_version(staging)?;
     modules::run_depmod(staging, &kernel_version)?;
     modules::record_depmod_outputs(&mut tree, &kernel_version)?;
+    write_ld_so_cache(&mut tree)?;
     let kernel_image = staging.join(format!("boot/vmlinuz-{kernel_version}"));
     if !kernel_image.is_file() {
         bail!("kernel image {} missing from the kernel package", kernel_image.display());
@@ -87,6 +89,29 @@ fn prune_documentation(tree: &mut Tree) {
 fn install_init(tree: &mut Tree, init_bin: &Path) -> Result<()> {
     let bytes = std::fs::read(init_bin).with_context(|| format!("cannot read {}", init_bin.display()))?;
     tree.write_file(cloister_proto::STAGE2_PATH, &bytes, Node::file(0o755))?;
+    Ok(())
+}
+
+/// What libc-bin's trigger would do: `/etc/ld.so.cache`, written by the image's own static
+/// ldconfig inside the staging tree. `chroot` needs root, so it runs in a user namespace where
+/// we are root (as mmdebstrap's unshare mode does). Hosts that forbid user namespaces get a
+/// warning instead: the loader then searches its default directories, which hold everything.
+fn write_ld_so_cache(tree: &mut Tree) -> Result<()> {
+    let root = tree.staging().to_path_buf();
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "chroot"])
+        .arg(&root)
+        .arg("/sbin/ldconfig")
+        .output()
+        .context("cannot run unshare (util-linux)")?;
+    if !out.status.success() {
+        eprintln!(
+            "warning: no ld.so.cache ({}); the loader will search its default directories",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return Ok(());
+    }
+    tree.insert("etc/ld.so.cache", Node::file(0o644))?;
     Ok(())
 }
 
