@@ -44,6 +44,8 @@ pub struct PackagesConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct KdfConfig {
     pub memory_mib: u32,
+    /// Fixed argon2id passes; 0 = benchmark the build host for `time_ms` instead.
+    pub iterations: u32,
     pub time_ms: u32,
     pub parallel: u32,
 }
@@ -70,7 +72,7 @@ impl Default for PackagesConfig {
 
 impl Default for KdfConfig {
     fn default() -> Self {
-        Self { memory_mib: 512, time_ms: 2000, parallel: 4 }
+        Self { memory_mib: 512, iterations: 6, time_ms: 2000, parallel: 4 }
     }
 }
 
@@ -183,6 +185,12 @@ impl Config {
         let kdf = &self.kdf;
         if !(1..=4096).contains(&kdf.memory_mib) {
             return bad("kdf.memory_mib", format!("{} is outside 1..=4096", kdf.memory_mib));
+        }
+        if kdf.iterations != 0 && !(4..=1000).contains(&kdf.iterations) {
+            return bad(
+                "kdf.iterations",
+                format!("{} is outside 4..=1000 (or 0 to benchmark)", kdf.iterations),
+            );
         }
         if !(1..=60_000).contains(&kdf.time_ms) {
             return bad("kdf.time_ms", format!("{} is outside 1..=60000", kdf.time_ms));
@@ -333,6 +341,7 @@ mod tests {
             ("[image]\nesp_size_mib = 8\n", 2, "image.esp_size_mib"),
             ("[kdf]\n\nmemory_mib = 0\n", 3, "kdf.memory_mib"),
             ("[kdf]\nparallel = 99\n", 2, "kdf.parallel"),
+            ("[kdf]\niterations = 2\n", 2, "kdf.iterations"),
             ("[packages]\nextra = [\"Bad Name\"]\n", 2, "packages.extra"),
             ("[boot]\nconsoles = [\"/dev/sda\"]\n", 2, "boot.consoles"),
             ("[boot]\ncmdline_extra = [\"a b\"]\n", 2, "boot.cmdline_extra"),

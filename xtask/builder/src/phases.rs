@@ -38,7 +38,7 @@ impl Plan {
         let mut kdf = KdfParams {
             memory_kib: config.kdf.memory_mib * 1024,
             time_ms: config.kdf.time_ms,
-            iterations: None,
+            iterations: (config.kdf.iterations != 0).then_some(config.kdf.iterations),
             parallel: config.kdf.parallel,
         };
         if let Some(mib) = args.kdf_memory_mib {
@@ -47,7 +47,8 @@ impl Plan {
         }
         if let Some(ms) = args.kdf_time_ms {
             kdf.time_ms = ms;
-            test_options.push(format!("kdf time lowered to {ms} ms"));
+            kdf.iterations = None;
+            test_options.push(format!("kdf benchmarked for {ms} ms"));
         }
         if let Some(it) = args.kdf_iterations {
             kdf.iterations = Some(it);
