@@ -1,15 +1,12 @@
-//! Loading kernel modules without modprobe: stage 1 follows the list the build wrote
-//! (`/etc/cloister/modules`, already in dependency order); stage 2 resolves a few names through
-//! the root's `modules.dep` (made by depmod at build time).
+//! Loading kernel modules without modprobe: stage 1 follows the lists the build wrote
+//! (`/etc/cloister/modules` and `modules.unlock`, already in dependency order); stage 2
+//! resolves a few names through the root's `modules.dep` (made by depmod at build time).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
-
-/// The stage 1 list: one path per line, relative to `/lib/modules/<release>/`.
-pub const MODULES_LIST: &str = "/etc/cloister/modules";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {
@@ -64,6 +61,17 @@ pub fn load_list(dir: &Path, list: &str, log: &dyn Fn(&str)) -> usize {
         }
     }
     loaded
+}
+
+/// Reads a modules list file and loads it; messages about skipped modules are returned rather
+/// than printed, so a background load does not write over a prompt.
+pub fn load_list_file(list_path: &str) -> Result<(usize, Vec<String>), KmodError> {
+    let dir = modules_dir()?;
+    let list = std::fs::read_to_string(list_path)
+        .map_err(|source| KmodError::Read { path: list_path.into(), source })?;
+    let messages = std::cell::RefCell::new(Vec::new());
+    let loaded = load_list(&dir, &list, &|m| messages.borrow_mut().push(m.to_string()));
+    Ok((loaded, messages.into_inner()))
 }
 
 /// A module's name as the kernel sees it: file stem, `-` folded to `_`.

@@ -7,7 +7,7 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cloister_proto::{marker, ROOT_MAPPING, STAGE2_ARG, STAGE2_PATH};
+use cloister_proto::{marker, MODULES_DISK_LIST, MODULES_UNLOCK_LIST, ROOT_MAPPING, STAGE2_ARG, STAGE2_PATH};
 
 use crate::cmdline::Cmdline;
 use crate::console::Consoles;
@@ -70,9 +70,12 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step_from(c, "mount-api", start, || mounted)?;
     step(c, "appliance", || crate::guard::check("boot"))?;
 
-    step(c, "modules", || load_modules(c))?;
+    step(c, "modules", || load_modules(c, MODULES_DISK_LIST))?;
+    // dm-crypt, its cipher and XFS are not needed to find the disk: they load while the prompt
+    // waits for a person to type (xfs.ko alone takes seconds under emulation).
+    let mut unlock_modules = Background::start(MODULES_UNLOCK_LIST);
     let dev = step(c, "find-root", || find_root(c, &cmdline))?;
-    step(c, "unlock", || unlock(c, &dev))?;
+    step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
     // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
@@ -83,11 +86,47 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
 }
 
-fn load_modules(c: &Consoles) -> Result<usize, kmod::KmodError> {
-    let dir = kmod::modules_dir()?;
-    let list = std::fs::read_to_string(kmod::MODULES_LIST)
-        .map_err(|source| kmod::KmodError::Read { path: kmod::MODULES_LIST.into(), source })?;
-    Ok(kmod::load_list(&dir, &list, &|s| c.line(s)))
+fn load_modules(c: &Consoles, list: &str) -> Result<usize, kmod::KmodError> {
+    let (loaded, messages) = kmod::load_list_file(list)?;
+    for m in messages {
+        c.line(&m);
+    }
+    Ok(loaded)
+}
+
+/// What loading a modules list gives: how many loaded, and the messages about the others.
+type ListLoad = Result<(usize, Vec<String>), kmod::KmodError>;
+
+/// A modules list loading on its own thread; [`Background::finish`] waits for it once.
+struct Background {
+    list: &'static str,
+    started: Instant,
+    handle: Option<std::thread::JoinHandle<ListLoad>>,
+}
+
+impl Background {
+    fn start(list: &'static str) -> Self {
+        let handle = std::thread::spawn(move || kmod::load_list_file(list));
+        Self { list, started: Instant::now(), handle: Some(handle) }
+    }
+
+    /// Waits for the load (only the first call does), then prints what it said and how long
+    /// it took and how long we had to wait for it.
+    fn finish(&mut self, c: &Consoles) -> Result<(), UnlockStepError> {
+        let Some(handle) = self.handle.take() else { return Ok(()) };
+        let waiting = Instant::now();
+        let result = handle.join().map_err(|_| UnlockStepError::ModulesThread(self.list))?;
+        let (_, messages) = result.map_err(UnlockStepError::Modules)?;
+        for m in messages {
+            c.line(&m);
+        }
+        c.line(&format!(
+            "step unlock-modules: ok ({} ms, {} ms of it waited for)",
+            self.started.elapsed().as_millis(),
+            waiting.elapsed().as_millis()
+        ));
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,16 +162,22 @@ enum UnlockStepError {
     Ask(#[from] passphrase::AskError),
     #[error(transparent)]
     Unlock(#[from] UnlockError),
+    #[error(transparent)]
+    Modules(kmod::KmodError),
+    #[error("loading {0} stopped abnormally")]
+    ModulesThread(&'static str),
 }
 
 /// Asks until a passphrase opens the root; wrong ones cost a growing delay.
-fn unlock(c: &Consoles, dev: &std::path::Path) -> Result<(), UnlockStepError> {
+fn unlock(c: &Consoles, dev: &std::path::Path, modules: &mut Background) -> Result<(), UnlockStepError> {
     mounts::make_dir(crate::unlock::LOCK_DIR, 0o700).map_err(UnlockStepError::LockDir)?;
     let mut luks = Luks::open(dev)?;
     let mut failures = 0u32;
     loop {
         c.line(&format!("cloister: asking for the passphrase at {} ms since boot", clock::boot_ms()));
         let pass = passphrase::ask(c, &dev.display().to_string())?;
+        // dm-crypt must be in the kernel before the mapping can be made.
+        modules.finish(c)?;
         match luks.activate(ROOT_MAPPING, &pass) {
             Ok(()) => return Ok(()),
             Err(UnlockError::WrongPassphrase) => {

@@ -9,15 +9,11 @@ use std::process::Command;
 
 use crate::tree::{Node, Tree, TreeError};
 
-/// What the initramfs loads so PID 1 can see an encrypted XFS root on virtio, SATA/AHCI, NVMe
-/// or USB storage, unlock it with dm-crypt (aes-xts-plain64) and read a passphrase from a USB
-/// keyboard. Order matters to the kernel only through dependencies, which [`ModuleIndex::closure`]
-/// adds; `virtio_pci` comes first anyway because no virtio disk appears before it is bound.
-/// Crypto is named by module, not by alias: `crypto-aes` would also pull in `padlock_aes`
-/// (VIA CPUs only), `aes_generic`, `cbc` and `sha256_generic` are built in, and dm-crypt with
-/// aes-xts-plain64 needs no hash (LUKS key slots are opened in userspace). `aesni_intel` fails
-/// to load on CPUs without AES-NI (QEMU's default TCG CPU): the built-in `aes_generic` serves.
-pub const INITRAMFS_MODULES: &[&str] = &[
+/// What the initramfs loads so PID 1 can see the root disk on virtio, SATA/AHCI, NVMe or USB
+/// storage and read a passphrase from a USB keyboard. Order matters to the kernel only through
+/// dependencies, which [`ModuleIndex::closure`] adds; `virtio_pci` comes first anyway because no
+/// virtio disk appears before it is bound.
+pub const DISK_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_scsi",
@@ -32,13 +28,15 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "uas",
     "usbhid",
     "hid_generic",
-    "dm_mod",
-    "dm_crypt",
-    "xts",
-    "aesni_intel",
-    "xfs",
-    "crc32c_intel",
 ];
+
+/// What the initramfs loads to unlock the root with dm-crypt (aes-xts-plain64) and mount its
+/// XFS; not needed to find the disk, so stage 1 loads them while the passphrase prompt waits.
+/// Crypto is named by module, not by alias: `crypto-aes` would also pull in `padlock_aes`
+/// (VIA CPUs only), `aes_generic`, `cbc` and `sha256_generic` are built in, and dm-crypt with
+/// aes-xts-plain64 needs no hash (LUKS key slots are opened in userspace). `aesni_intel` fails
+/// to load on CPUs without AES-NI (QEMU's default TCG CPU): the built-in `aes_generic` serves.
+pub const UNLOCK_MODULES: &[&str] = &["dm_mod", "dm_crypt", "xts", "aesni_intel", "xfs", "crc32c_intel"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModulesError {

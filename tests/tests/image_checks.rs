@@ -142,9 +142,19 @@ fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
     ensure!(root.join("init").is_file(), "initramfs has no /init");
     let missing = unresolved_libraries(&root)?;
     ensure!(missing.is_empty(), "unresolved libraries in the initramfs: {missing:#?}");
-    let modules = std::fs::read_to_string(root.join("etc/cloister/modules"))?;
-    for m in ["dm-crypt.ko", "xfs.ko", "virtio_blk.ko"] {
-        ensure!(modules.lines().any(|l| l.ends_with(m)), "initramfs module list lacks {m}:\n{modules}");
+    let list = |p: &str| std::fs::read_to_string(root.join(p.trim_start_matches('/')));
+    let disk = list(cloister_proto::MODULES_DISK_LIST)?;
+    let unlock = list(cloister_proto::MODULES_UNLOCK_LIST)?;
+    for (text, m) in
+        [(&disk, "virtio_blk.ko"), (&disk, "nvme.ko"), (&unlock, "dm-crypt.ko"), (&unlock, "xfs.ko")]
+    {
+        ensure!(text.lines().any(|l| l.ends_with(m)), "module lists lack {m}:\n{disk}\n--\n{unlock}");
+    }
+    for line in disk.lines().chain(unlock.lines()) {
+        ensure!(
+            root.join("lib/modules").read_dir()?.flatten().any(|k| k.path().join(line).is_file()),
+            "{line} listed, not in the initramfs"
+        );
     }
     Ok(())
 }

@@ -16,6 +16,13 @@ pub const ROOT_MAPPING: &str = "cloister-root";
 pub const STAGE1_PATH: &str = "/init";
 /// Where the same binary lives on the root filesystem; stage 1 execs it as stage 2.
 pub const STAGE2_PATH: &str = "/usr/lib/cloister/init";
+/// Kernel modules stage 1 loads before it looks for the root disk (storage controllers, USB
+/// keyboards): one path per line relative to `/lib/modules/<kver>/`, in load order.
+pub const MODULES_DISK_LIST: &str = "/etc/cloister/modules";
+/// Modules needed only once the passphrase is known (dm-crypt, its cipher, XFS), same format;
+/// stage 1 loads them while the passphrase prompt waits.
+pub const MODULES_UNLOCK_LIST: &str = "/etc/cloister/modules.unlock";
+
 /// argv[1] that selects stage 2.
 pub const STAGE2_ARG: &str = "--stage2";
 

@@ -9,15 +9,14 @@ use cloister_rootfs::initramfs::InitramfsBuilder;
 use cloister_rootfs::modules::{self, ModuleIndex};
 use cloister_rootfs::{deb, elf};
 
+use cloister_proto::{MODULES_DISK_LIST, MODULES_UNLOCK_LIST};
+
 use crate::rootfs_phase::Rootfs;
 
 pub struct Initrd {
     pub bytes: u64,
     pub modules: Vec<String>,
 }
-
-/// The list stage 1 reads: one module path per line, relative to /lib/modules/<kver>/.
-pub const MODULES_LIST: &str = "etc/cloister/modules";
 
 pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
     let root = rootfs.tree.staging();
@@ -36,17 +35,22 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
         ar.copy_from_root(root, &rel).with_context(|| format!("library {}", rel.display()))?;
     }
     let index = ModuleIndex::load(root, kver)?;
-    let wanted = index.closure(modules::INITRAMFS_MODULES)?;
+    let disk = index.closure(modules::DISK_MODULES)?;
+    let all = index.closure(&[modules::DISK_MODULES, modules::UNLOCK_MODULES].concat())?;
+    // Dependencies of the unlock set that the disk set already loads stay in the first list.
+    let unlock: Vec<_> = all.iter().filter(|m| !disk.contains(m)).cloned().collect();
     let modules_dir = modules::modules_dir_rel(root, kver);
-    let mut list = String::new();
-    for m in &wanted {
-        ar.copy_from_root(root, modules_dir.join(&m.rel))?;
-        list.push_str(&m.rel.to_string_lossy());
-        list.push('\n');
+    for (list_path, list) in [(MODULES_DISK_LIST, &disk), (MODULES_UNLOCK_LIST, &unlock)] {
+        let mut text = String::new();
+        for m in list {
+            ar.copy_from_root(root, modules_dir.join(&m.rel))?;
+            text.push_str(&m.rel.to_string_lossy());
+            text.push('\n');
+        }
+        ar.file_bytes(list_path.trim_start_matches('/'), text, 0o644)?;
     }
-    ar.file_bytes(MODULES_LIST, list, 0o644)?;
     // systemd's convention for "this is an initramfs"; stage 1 also checks it.
     ar.file_bytes("etc/initrd-release", "NAME=Cloister\nID=cloister\n", 0o644)?;
     let bytes = ar.write(out)?;
-    Ok(Initrd { bytes, modules: wanted.into_iter().map(|m| m.name).collect() })
+    Ok(Initrd { bytes, modules: disk.into_iter().chain(unlock).map(|m| m.name).collect() })
 }

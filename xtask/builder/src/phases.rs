@@ -112,7 +112,7 @@ impl WorkDir {
         let shm = Path::new("/dev/shm");
         let needed = root_bytes + Self::STAGING_BYTES + Self::HEADROOM;
         let roomy = nix::sys::statvfs::statvfs(shm)
-            .map(|st| st.blocks_available() as u64 * st.fragment_size() as u64 > needed)
+            .map(|st| st.blocks_available() * st.fragment_size() > needed)
             .unwrap_or(false);
         let parent = match output.parent().filter(|p| !p.as_os_str().is_empty()) {
             _ if roomy => shm,
