@@ -82,10 +82,24 @@ pub fn parse_entries(header: &Header, array: &[u8]) -> Vec<Entry> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
     use std::process::{Command, Stdio};
+
+    /// Writes a partition table into `img` with util-linux's sfdisk (an independent writer).
+    pub(crate) fn sfdisk(img: &Path, script: &str) {
+        let mut child = Command::new("sfdisk")
+            .arg("--quiet")
+            .arg(img)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
 
     #[test]
     fn guid_bytes_are_mixed_endian() {
@@ -109,15 +123,7 @@ mod tests {
         let script = "label: gpt\n\
             start=2048, size=4096, type=U, uuid=11111111-2222-4333-8444-555555555555\n\
             start=6144, size=4096, type=L, uuid=AAAAAAAA-BBBB-4CCC-8DDD-EEEEEEEEEEEE\n";
-        let mut child = Command::new("sfdisk")
-            .arg("--quiet")
-            .arg(&img)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
+        sfdisk(&img, script);
 
         let bytes = std::fs::read(&img).unwrap();
         let header = parse_header(&bytes[512..1024]).unwrap();

@@ -128,8 +128,6 @@ pub fn wait_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::process::{Command, Stdio};
 
     fn fake_tree(root: &Path) -> Paths {
         let paths = Paths { class_block: root.join("sys/class/block"), dev: root.join("dev") };
@@ -144,16 +142,8 @@ mod tests {
         std::os::unix::fs::symlink("vda/vda1", paths.class_block.join("vda1")).unwrap();
         let img = paths.dev.join("vda");
         std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
-        let mut child = Command::new("sfdisk")
-            .arg("--quiet")
-            .arg(&img)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
         let script = "label: gpt\nstart=2048, size=4096, type=L, uuid=12345678-9ABC-4DEF-8123-456789ABCDEF\n";
-        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
+        crate::gpt::tests::sfdisk(&img, script);
         paths
     }
 

@@ -71,7 +71,30 @@ pub fn merged_usr(tree: &mut Tree) -> Result<(), TreeError> {
 
 /// Unpacks `deb`'s data.tar into `tree` and returns its control fields.
 pub fn unpack(deb: &Path, tree: &mut Tree) -> Result<DebInfo, DebError> {
+    unpack_from(deb, tree, None)
+}
+
+/// Like [`unpack`], but keeps the decompressed data.tar in `cache_dir` under the .deb's SHA256,
+/// so a warm build reads plain tar instead of decompressing xz again. Keyed by content, the
+/// cached file can never go stale. The same safety checks apply: the cached tar is as
+/// untrusted as the .deb it came from.
+pub fn unpack_cached(
+    deb: &Path,
+    sha256: &str,
+    cache_dir: &Path,
+    tree: &mut Tree,
+) -> Result<DebInfo, DebError> {
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(DebError::BadCacheKey { deb: deb.to_owned(), sha256: sha256.to_owned() });
+    }
+    unpack_from(deb, tree, Some(&cache_dir.join(format!("{sha256}.data.tar"))))
+}
+
+/// Walks the .deb's members once: control is parsed; data.tar is unpacked as it streams, or,
+/// with `cached_tar`, stored there decompressed (unless already there) and unpacked from it.
+fn unpack_from(deb: &Path, tree: &mut Tree, cached_tar: Option<&Path>) -> Result<DebInfo, DebError> {
     let read = |source| DebError::Read { deb: deb.to_owned(), source };
+    let missing_data = || DebError::MissingMember { deb: deb.to_owned(), member: "data.tar" };
     let file = fs::File::open(deb).map_err(read)?;
     let mut ar = ar::Archive::new(io::BufReader::new(file));
     let mut control = None;
@@ -82,49 +105,21 @@ pub fn unpack(deb: &Path, tree: &mut Tree) -> Result<DebInfo, DebError> {
         if let Some(kind) = name.strip_prefix("control.tar") {
             control = Some(read_control(decompress(deb, &name, kind, member)?, deb)?);
         } else if let Some(kind) = name.strip_prefix("data.tar") {
-            let mut archive = tar::Archive::new(decompress(deb, &name, kind, member)?);
-            entries = Some(Unpacker { deb, tree: &mut *tree }.all(&mut archive)?);
-        }
-    }
-    let mut info = control.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "control.tar" })?;
-    info.entries = entries.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "data.tar" })?;
-    Ok(info)
-}
-
-/// Like [`unpack`], but keeps the decompressed data.tar in `cache_dir` under the .deb's SHA256,
-/// so a warm build reads plain tar instead of decompressing xz again (most of the rootfs
-/// phase's time). Keyed by content, the cached file can never go stale. The same safety checks
-/// apply: the cached tar is as untrusted as the .deb it came from.
-pub fn unpack_cached(
-    deb: &Path,
-    sha256: &str,
-    cache_dir: &Path,
-    tree: &mut Tree,
-) -> Result<DebInfo, DebError> {
-    let read = |source| DebError::Read { deb: deb.to_owned(), source };
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(DebError::BadCacheKey { deb: deb.to_owned(), sha256: sha256.to_owned() });
-    }
-    let cached = cache_dir.join(format!("{sha256}.data.tar"));
-    let mut control = None;
-    let file = fs::File::open(deb).map_err(read)?;
-    let mut ar = ar::Archive::new(io::BufReader::new(file));
-    while let Some(member) = ar.next_entry() {
-        let member = member.map_err(read)?;
-        let name = String::from_utf8_lossy(member.header().identifier()).into_owned();
-        if let Some(kind) = name.strip_prefix("control.tar") {
-            control = Some(read_control(decompress(deb, &name, kind, member)?, deb)?);
-        } else if let Some(kind) = name.strip_prefix("data.tar") {
-            if !cached.is_file() {
-                store_decompressed(decompress(deb, &name, kind, member)?, &cached).map_err(read)?;
+            let data = decompress(deb, &name, kind, member)?;
+            match cached_tar {
+                None => entries = Some(Unpacker { deb, tree: &mut *tree }.all(&mut tar::Archive::new(data))?),
+                Some(path) if !path.is_file() => store_decompressed(data, path).map_err(read)?,
+                Some(_) => {}
             }
         }
     }
+    if let Some(path) = cached_tar {
+        let data = fs::File::open(path).map_err(|_| missing_data())?;
+        let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, data));
+        entries = Some(Unpacker { deb, tree }.all(&mut archive)?);
+    }
     let mut info = control.ok_or(DebError::MissingMember { deb: deb.to_owned(), member: "control.tar" })?;
-    let data = fs::File::open(&cached)
-        .map_err(|_| DebError::MissingMember { deb: deb.to_owned(), member: "data.tar" })?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, data));
-    info.entries = Unpacker { deb, tree }.all(&mut archive)?;
+    info.entries = entries.ok_or_else(missing_data)?;
     Ok(info)
 }
 
