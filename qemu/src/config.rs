@@ -70,6 +70,21 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// The same config with every path absolute. QEMU runs with `work_dir` as its working
+    /// directory (short socket paths), so a relative image path given by a user would otherwise
+    /// name a file inside the work directory.
+    pub fn absolute(mut self) -> crate::Result<VmConfig> {
+        let abs = |p: &Path| {
+            std::path::absolute(p).map_err(|source| crate::Error::WorkDir { path: p.to_owned(), source })
+        };
+        self.image = abs(&self.image)?;
+        self.work_dir = abs(&self.work_dir)?;
+        self.firmware.code = abs(&self.firmware.code)?;
+        self.firmware.vars_template = abs(&self.firmware.vars_template)?;
+        self.extra_drives = self.extra_drives.iter().map(|d| abs(d)).collect::<crate::Result<_>>()?;
+        Ok(self)
+    }
+
     /// A config with defaults: 1 GiB, 2 CPUs, accelerator auto, no network, captured console, image
     /// written in place.
     pub fn new(image: impl Into<PathBuf>, firmware: Firmware, work_dir: impl Into<PathBuf>) -> VmConfig {
@@ -201,6 +216,24 @@ mod tests {
     /// QEMU's user-mode network can come from `-netdev user`, `-nic user` or legacy `-net user`.
     fn has_user_networking(argv: &[String]) -> bool {
         argv.windows(2).any(|w| w[0].starts_with("-n") && w[1].starts_with("user"))
+    }
+
+    #[test]
+    fn relative_paths_become_absolute_from_the_callers_directory() {
+        let fw = Firmware { code: "fw/CODE.fd".into(), vars_template: "fw/VARS.fd".into() };
+        let mut cfg = VmConfig::new("target/disk.img", fw, "run/vm");
+        cfg.extra_drives = vec!["second.img".into()];
+        let cfg = cfg.absolute().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(cfg.image, cwd.join("target/disk.img"));
+        assert_eq!(cfg.work_dir, cwd.join("run/vm"));
+        assert_eq!(cfg.firmware.code, cwd.join("fw/CODE.fd"));
+        assert_eq!(cfg.extra_drives, [cwd.join("second.img")]);
+        let argv = args(&cfg, Accelerator::Tcg);
+        assert!(
+            argv.iter().any(|a| a.contains(&format!("file={}", cwd.join("target/disk.img").display()))),
+            "{argv:?}"
+        );
     }
 
     #[test]

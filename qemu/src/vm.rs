@@ -52,6 +52,7 @@ impl Vm {
     /// `config.console` must be [`Console::Captured`]. QEMU gets SIGKILL when the calling *thread*
     /// exits (PR_SET_PDEATHSIG follows threads), so start and drop the VM on the same long-lived thread.
     pub fn start(config: VmConfig) -> Result<Vm> {
+        let config = config.absolute()?;
         if config.console != Console::Captured {
             return Err(Error::NotCaptured);
         }
@@ -217,7 +218,8 @@ impl Drop for Vm {
 /// Runs QEMU on the caller's terminal (`-serial mon:stdio`) until it exits, whatever
 /// `config.console` says. QEMU stays in the terminal's foreground process group, since a background
 /// group cannot read the terminal, but still dies with the calling thread.
-pub fn run_interactive(mut config: VmConfig) -> Result<ExitStatus> {
+pub fn run_interactive(config: VmConfig) -> Result<ExitStatus> {
+    let mut config = config.absolute()?;
     config.console = Console::Stdio;
     let accel = resolve_accel(config.accel);
     prepare_work_dir(&config)?;

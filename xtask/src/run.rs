@@ -62,7 +62,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     cfg.network = Network::None;
     cfg.console = Console::Stdio;
     cfg.snapshot = args.snapshot;
-    eprintln!("{}", cloister_qemu::INTERACTIVE_HINT);
     let status = cloister_qemu::run_interactive(cfg)?;
     if !status.success() {
         bail!("qemu exited with {status}");
