@@ -40,10 +40,14 @@ pub fn parse_list(text: &str) -> Vec<&str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect()
 }
 
-/// Loads one module file; EEXIST (already loaded) counts as success.
+/// Loads one module file; EEXIST (already loaded, or loaded meanwhile by another thread: the
+/// kernel makes a second load wait for the first) counts as success. `async_probe` is a
+/// parameter every module accepts: drivers probe their devices in the background, so a slow
+/// controller (AHCI scanning its ports) does not hold up the next load; stage 1 polls for the
+/// root disk anyway.
 pub fn load(path: &Path) -> Result<Loaded, KmodError> {
     let file = File::open(path).map_err(|source| KmodError::Open { path: path.to_owned(), source })?;
-    match finit_module(&file, c"", ModuleInitFlags::empty()) {
+    match finit_module(&file, c"async_probe", ModuleInitFlags::empty()) {
         Ok(()) => Ok(Loaded::Now),
         Err(Errno::EEXIST) => Ok(Loaded::Already),
         Err(source) => Err(KmodError::Load { path: path.to_owned(), source }),
@@ -55,13 +59,22 @@ pub fn load(path: &Path) -> Result<Loaded, KmodError> {
 pub fn load_list(dir: &Path, list: &str, log: &dyn Fn(&str)) -> usize {
     let mut loaded = 0;
     for rel in parse_list(list) {
+        let started = std::time::Instant::now();
         match load(&dir.join(rel)) {
             Ok(_) => loaded += 1,
             Err(e) => log(&format!("cloister: module skipped: {e}")),
         }
+        // Boot time is a budget: name what spends it (under emulation some modules take seconds).
+        let ms = started.elapsed().as_millis();
+        if ms >= SLOW_MODULE_MS {
+            log(&format!("cloister: module {} took {ms} ms", module_name(rel)));
+        }
     }
     loaded
 }
+
+/// Module loads at least this slow are named on the console.
+const SLOW_MODULE_MS: u128 = 100;
 
 /// Reads a modules list file and loads it; messages about skipped modules are returned rather
 /// than printed, so a background load does not write over a prompt.

@@ -70,10 +70,11 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step_from(c, "mount-api", start, || mounted)?;
     step(c, "appliance", || crate::guard::check("boot"))?;
 
-    step(c, "modules", || load_modules(c, MODULES_DISK_LIST))?;
-    // dm-crypt, its cipher and XFS are not needed to find the disk: they load while the prompt
-    // waits for a person to type (xfs.ko alone takes seconds under emulation).
+    // dm-crypt, its cipher and XFS are not needed to find the disk: they load on their own
+    // thread, beside the disk drivers and then while the prompt waits for a person to type
+    // (xfs.ko alone takes over a second under emulation).
     let mut unlock_modules = Background::start(MODULES_UNLOCK_LIST);
+    step(c, "modules", || load_modules(c, MODULES_DISK_LIST))?;
     let dev = step(c, "find-root", || find_root(c, &cmdline))?;
     step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));

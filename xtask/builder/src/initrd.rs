@@ -35,10 +35,10 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
         ar.copy_from_root(root, &rel).with_context(|| format!("library {}", rel.display()))?;
     }
     let index = ModuleIndex::load(root, kver)?;
+    // Each list is a whole closure: stage 1 loads them on two threads at once, and a module in
+    // both is loaded by whichever comes first (the other waits for it and gets EEXIST).
     let disk = index.closure(modules::DISK_MODULES)?;
-    let all = index.closure(&[modules::DISK_MODULES, modules::UNLOCK_MODULES].concat())?;
-    // Dependencies of the unlock set that the disk set already loads stay in the first list.
-    let unlock: Vec<_> = all.iter().filter(|m| !disk.contains(m)).cloned().collect();
+    let unlock = index.closure(modules::UNLOCK_MODULES)?;
     let modules_dir = modules::modules_dir_rel(root, kver);
     for (list_path, list) in [(MODULES_DISK_LIST, &disk), (MODULES_UNLOCK_LIST, &unlock)] {
         let mut text = String::new();
@@ -52,5 +52,7 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
     // systemd's convention for "this is an initramfs"; stage 1 also checks it.
     ar.file_bytes("etc/initrd-release", "NAME=Cloister\nID=cloister\n", 0o644)?;
     let bytes = ar.write(out)?;
-    Ok(Initrd { bytes, modules: disk.into_iter().chain(unlock).map(|m| m.name).collect() })
+    let mut names: Vec<String> = disk.into_iter().map(|m| m.name).collect();
+    names.extend(unlock.into_iter().map(|m| m.name).filter(|n| !names.contains(n)).collect::<Vec<_>>());
+    Ok(Initrd { bytes, modules: names })
 }
