@@ -131,12 +131,12 @@ fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> 
 /// Unpacks the UKI's initramfs with cpio and resolves every ELF's interpreter and DT_NEEDED
 /// inside it: stage 1 must not need anything the archive lacks.
 fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
-    let initrd = dir.join("initrd.cpio.gz");
+    let initrd = dir.join("initrd.cpio.lz4");
     run(Command::new("objcopy").args(["-O", "binary", "--only-section=.initrd"]).arg(uki).arg(&initrd))?;
     let root = dir.join("initramfs");
     std::fs::create_dir_all(&root)?;
     run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
-        "gzip -dc {} | cpio -idm --quiet --no-absolute-filenames --nonmatching 'dev/*'",
+        "lz4 -dc {} | cpio -idm --quiet --no-absolute-filenames --nonmatching 'dev/*'",
         initrd.display()
     )))?;
     ensure!(root.join("init").is_file(), "initramfs has no /init");

@@ -202,7 +202,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
     if let Some(list) = &plan.list_files {
         rootfs_phase::write_listing(&rootfs.tree, list)?;
     }
-    let initramfs = work.path.join("initramfs.cpio.gz");
+    let initramfs = work.path.join("initramfs.cpio.lz4");
     let initrd = phase(&mut timings, "initramfs", || initrd::build(&rootfs, &plan.init_bin, &initramfs))?;
     let cmdline = kernel_cmdline(&plan.config, &layout);
     let uki = work.path.join("BOOTX64.EFI");
