@@ -136,7 +136,7 @@ fn size_rows(rows: &mut Vec<Row>, image: &Path) -> Result<()> {
     let m = manifest(image)?;
     let mib = |v: &Value| v.as_u64().map(|b| format!("{:.1} MiB", b as f64 / 1048576.0)).unwrap_or_default();
     rows.push(row("image size", mib(&m["image"]["bytes"]), ""));
-    rows.push(row("initramfs size (gzip)", mib(&m["initramfs_bytes"]), "≤ 24 MiB"));
+    rows.push(row("initramfs size (lz4)", mib(&m["initramfs_bytes"]), "≤ 24 MiB"));
     rows.push(row("UKI size", mib(&m["uki_bytes"]), ""));
     Ok(())
 }
@@ -170,11 +170,20 @@ fn openssl_xts_mb_s() -> Result<f64> {
     k.map(|k| k * 1000.0 / 1e6).context("cannot parse openssl output")
 }
 
-fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
-    let image = dir.join("disk.img");
-    let work = dir.join("vm");
-    std::fs::create_dir_all(&work)?;
-    let mut cfg = VmConfig::new(&image, Firmware::find()?, &work);
+/// Boots are noisy under TCG on a shared machine: each figure is the median of this many.
+const BOOTS: usize = 3;
+
+/// One boot to the unlock line, in wall seconds and guest milliseconds.
+struct BootSample {
+    prompt_wall: f64,
+    unlock_wall: f64,
+    guest_ms: u64,
+    excluded_ms: u64,
+    modules_waited_ms: u64,
+}
+
+fn boot_once(image: &Path, work: &Path) -> Result<BootSample> {
+    let mut cfg = VmConfig::new(image, Firmware::find()?, work);
     cfg.console = Console::Captured;
     cfg.snapshot = true;
     let started = Instant::now();
@@ -191,19 +200,40 @@ fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
     let unlock_ms = step_ms(&console, "unlock").unwrap_or(0);
     let modules_waited_ms = waited_for_modules_ms(&console).unwrap_or(0);
     let excluded_ms = unlock_ms.saturating_sub(modules_waited_ms);
-    drop(vm);
-    let floor_ms = floor_guest_ms(&image, dir)?;
+    Ok(BootSample { prompt_wall, unlock_wall, guest_ms, excluded_ms, modules_waited_ms })
+}
+
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
+    let image = dir.join("disk.img");
+    let work = dir.join("vm");
+    std::fs::create_dir_all(&work)?;
+    let samples: Vec<BootSample> = (0..BOOTS).map(|_| boot_once(&image, &work)).collect::<Result<_>>()?;
+    let floors: Vec<u64> = (0..BOOTS).map(|_| floor_guest_ms(&image, dir)).collect::<Result<_>>()?;
+    let med = |f: fn(&BootSample) -> u64| median(samples.iter().map(f).collect());
+    let ours: Vec<u64> = samples.iter().map(|b| b.guest_ms.saturating_sub(b.excluded_ms)).collect();
+    let floor_ms = median(floors);
+    let prompt_wall = median(samples.iter().map(|b| b.prompt_wall).collect());
+    let unlock_wall = median(samples.iter().map(|b| b.unlock_wall).collect());
     rows.push(row(
-        "boot: wall s to prompt / to unlock line (TCG)",
+        format!("boot: wall s to prompt / to unlock line (TCG, median of {BOOTS})"),
         format!("{prompt_wall:.1} s / {unlock_wall:.1} s"),
         "",
     ));
-    rows.push(row("boot: guest ms at unlock line", format!("{guest_ms} ms"), ""));
-    rows.push(row("boot: guest ms in passphrase wait + KDF", format!("{excluded_ms} ms"), ""));
-    rows.push(row("boot: guest ms waiting for unlock modules", format!("{modules_waited_ms} ms"), ""));
+    rows.push(row("boot: guest ms at unlock line", format!("{} ms", med(|b| b.guest_ms)), ""));
+    rows.push(row("boot: guest ms in passphrase wait + KDF", format!("{} ms", med(|b| b.excluded_ms)), ""));
+    rows.push(row(
+        "boot: guest ms waiting for unlock modules",
+        format!("{} ms", med(|b| b.modules_waited_ms)),
+        "",
+    ));
     rows.push(row("boot: guest ms of trivial init (floor)", format!("{floor_ms} ms"), ""));
-    let ours = guest_ms.saturating_sub(excluded_ms).saturating_sub(floor_ms);
-    rows.push(row("boot: our init adds (KDF excluded)", format!("{ours} ms"), "≤ 1000 ms"));
+    let adds = median(ours).saturating_sub(floor_ms);
+    rows.push(row("boot: our init adds (KDF excluded)", format!("{adds} ms"), "≤ 1000 ms"));
     Ok(())
 }
 
