@@ -213,7 +213,8 @@ fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
     let work = dir.join("vm");
     std::fs::create_dir_all(&work)?;
     let samples: Vec<BootSample> = (0..BOOTS).map(|_| boot_once(&image, &work)).collect::<Result<_>>()?;
-    let floors: Vec<u64> = (0..BOOTS).map(|_| floor_guest_ms(&image, dir)).collect::<Result<_>>()?;
+    let (kernel, initrd) = prepare_floor(&image, dir)?;
+    let floors: Vec<u64> = (0..BOOTS).map(|_| floor_guest_ms(&kernel, &initrd)).collect::<Result<_>>()?;
     let med = |f: fn(&BootSample) -> u64| median(samples.iter().map(f).collect());
     let ours: Vec<u64> = samples.iter().map(|b| b.guest_ms.saturating_sub(b.excluded_ms)).collect();
     let floor_ms = median(floors);
@@ -254,8 +255,8 @@ fn waited_for_modules_ms(console: &str) -> Option<u64> {
 }
 
 /// The same kernel (taken out of the image's UKI) with a busybox /init that prints the uptime
-/// and powers off: what any init costs before it does anything.
-fn floor_guest_ms(image: &Path, dir: &Path) -> Result<u64> {
+/// and powers off: what any init costs before it does anything. Returns (kernel, initrd).
+fn prepare_floor(image: &Path, dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let floor = dir.join("floor");
     std::fs::create_dir_all(floor.join("root/bin"))?;
     let esp = floor.join("esp.img");
@@ -289,6 +290,11 @@ fn floor_guest_ms(image: &Path, dir: &Path) -> Result<u64> {
         floor.join("root").display(),
         initrd.display()
     )))?;
+    Ok((kernel, initrd))
+}
+
+/// Boots the floor once (direct kernel boot, no firmware) and returns the guest ms at /init.
+fn floor_guest_ms(kernel: &Path, initrd: &Path) -> Result<u64> {
     let out = Command::new("timeout")
         .args(["120", "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1024"])
         .args([
@@ -303,9 +309,9 @@ fn floor_guest_ms(image: &Path, dir: &Path) -> Result<u64> {
             "-no-reboot",
         ])
         .arg("-kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args(["-append", "console=ttyS0 loglevel=4"])
         .stdin(Stdio::null())
         .output()
