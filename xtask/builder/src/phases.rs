@@ -293,8 +293,8 @@ fn fetch_packages(plan: &Plan) -> Result<Vec<FetchedDeb>> {
     let specs = apt.resolve(&packages)?;
     let total: u64 = specs.iter().map(|s| s.size).sum();
     eprintln!("  {} packages, {} MiB", specs.len(), total >> 20);
-    let mut bar = Progress::new("download", specs.len() as u64, false);
-    let fetched = apt.fetch(&specs, &mut |p| bar.set(p.done_debs as u64, ""))?;
+    let mut bar = Progress::new("download", total, true);
+    let fetched = apt.fetch(&specs, &mut |p| bar.set(p.done_bytes, ""))?;
     bar.finish();
     Ok(fetched)
 }
