@@ -54,37 +54,42 @@ pub fn load(path: &Path) -> Result<Loaded, KmodError> {
     }
 }
 
-/// Loads every module of the list in order. A module that fails (absent hardware: ENODEV) is
-/// reported through `log` and skipped; returns how many loaded.
-pub fn load_list(dir: &Path, list: &str, log: &dyn Fn(&str)) -> usize {
-    let mut loaded = 0;
+/// What loading a list gave: how many modules loaded, and a console line for each one that was
+/// skipped (absent hardware: ENODEV) or slow. Returned rather than printed, so a load on another
+/// thread never writes over the passphrase prompt.
+#[derive(Debug, Default)]
+pub struct ListLoad {
+    pub loaded: usize,
+    pub messages: Vec<String>,
+}
+
+/// Loads every module of the list in order; a module that fails is noted and skipped.
+pub fn load_list(dir: &Path, list: &str) -> ListLoad {
+    let mut out = ListLoad::default();
     for rel in parse_list(list) {
         let started = std::time::Instant::now();
         match load(&dir.join(rel)) {
-            Ok(_) => loaded += 1,
-            Err(e) => log(&format!("cloister: module skipped: {e}")),
+            Ok(_) => out.loaded += 1,
+            Err(e) => out.messages.push(format!("cloister: module skipped: {e}")),
         }
         // Boot time is a budget: name what spends it (under emulation some modules take seconds).
         let ms = started.elapsed().as_millis();
         if ms >= SLOW_MODULE_MS {
-            log(&format!("cloister: module {} took {ms} ms", module_name(rel)));
+            out.messages.push(format!("cloister: module {} took {ms} ms", module_name(rel)));
         }
     }
-    loaded
+    out
 }
 
 /// Module loads at least this slow are named on the console.
 const SLOW_MODULE_MS: u128 = 100;
 
-/// Reads a modules list file and loads it; messages about skipped modules are returned rather
-/// than printed, so a background load does not write over a prompt.
-pub fn load_list_file(list_path: &str) -> Result<(usize, Vec<String>), KmodError> {
+/// Reads a modules list file (see [`parse_list`]) and loads it.
+pub fn load_list_file(list_path: &str) -> Result<ListLoad, KmodError> {
     let dir = modules_dir()?;
     let list = std::fs::read_to_string(list_path)
         .map_err(|source| KmodError::Read { path: list_path.into(), source })?;
-    let messages = std::cell::RefCell::new(Vec::new());
-    let loaded = load_list(&dir, &list, &|m| messages.borrow_mut().push(m.to_string()));
-    Ok((loaded, messages.into_inner()))
+    Ok(load_list(&dir, &list))
 }
 
 /// A module's name as the kernel sees it: file stem, `-` folded to `_`.

@@ -88,21 +88,18 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
 }
 
 fn load_modules(c: &Consoles, list: &str) -> Result<usize, kmod::KmodError> {
-    let (loaded, messages) = kmod::load_list_file(list)?;
-    for m in messages {
-        c.line(&m);
+    let load = kmod::load_list_file(list)?;
+    for m in &load.messages {
+        c.line(m);
     }
-    Ok(loaded)
+    Ok(load.loaded)
 }
-
-/// What loading a modules list gives: how many loaded, and the messages about the others.
-type ListLoad = Result<(usize, Vec<String>), kmod::KmodError>;
 
 /// A modules list loading on its own thread; [`Background::finish`] waits for it once.
 struct Background {
     list: &'static str,
     started: Instant,
-    handle: Option<std::thread::JoinHandle<ListLoad>>,
+    handle: Option<std::thread::JoinHandle<Result<kmod::ListLoad, kmod::KmodError>>>,
 }
 
 impl Background {
@@ -117,9 +114,9 @@ impl Background {
         let Some(handle) = self.handle.take() else { return Ok(()) };
         let waiting = Instant::now();
         let result = handle.join().map_err(|_| UnlockStepError::ModulesThread(self.list))?;
-        let (_, messages) = result.map_err(UnlockStepError::Modules)?;
-        for m in messages {
-            c.line(&m);
+        let load = result.map_err(UnlockStepError::Modules)?;
+        for m in &load.messages {
+            c.line(m);
         }
         c.line(&format!(
             "step unlock-modules: ok ({} ms, {} ms of it waited for)",

@@ -252,11 +252,10 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
     timings.push(("luks_data_pass", data_pass));
     let image = phase(&mut timings, "image", || {
         let mut bar = Progress::new("write", layout.disk_bytes, true);
-        let uki_str = uki.as_path();
         let summary = cloister_image::assemble::assemble(
             &plan.output,
             &layout,
-            &[("EFI/BOOT/BOOTX64.EFI", uki_str)],
+            &[("EFI/BOOT/BOOTX64.EFI", uki.as_path())],
             &root_part,
             Some(&mut |done: u64, _total: u64| bar.set(done, "")),
         )?;
@@ -281,8 +280,9 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
 }
 
 /// Packages every image needs whatever the config says: what apt does not add on its own (it
-/// starts from an empty dpkg status): the base accounts (base-passwd) and /etc/os-release and
-/// friends (base-files); and the libraries our PID 1 links (libcryptsetup12 and its deps).
+/// starts from an empty dpkg status): the base accounts (base-passwd), /etc/os-release and
+/// friends (base-files) and ldconfig for the ld.so cache (libc-bin); and the libraries our PID 1
+/// links (libcryptsetup12 and its deps).
 const REQUIRED_PACKAGES: &[&str] = &["base-files", "base-passwd", "libc-bin", "libcryptsetup12"];
 
 fn fetch_packages(plan: &Plan) -> Result<Vec<FetchedDeb>> {
