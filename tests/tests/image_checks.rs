@@ -162,22 +162,31 @@ fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
 /// Every unresolved interpreter or library of every ELF file below `root`.
 fn unresolved_libraries(root: &Path) -> Result<Vec<String>> {
     let mut files = Vec::new();
-    let mut stack = vec![std::path::PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for entry in std::fs::read_dir(root.join(&rel))? {
-            let entry = entry?;
-            let child = rel.join(entry.file_name());
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                stack.push(child);
-            } else if ft.is_file() {
-                files.push(child);
-            }
+    for rel in entries_below(root)? {
+        if std::fs::symlink_metadata(root.join(&rel))?.is_file() {
+            files.push(rel);
         }
     }
     ensure!(!files.is_empty(), "no files under {}", root.display());
     let missing = cloister_rootfs::elf::check_tree(root, files.iter().map(|p| p.as_path()));
     Ok(missing.iter().map(ToString::to_string).collect())
+}
+
+/// Every entry below `root`, relative to it, without following symlinks.
+fn entries_below(root: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&rel))? {
+            let entry = entry?;
+            let child = rel.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                stack.push(child.clone());
+            }
+            out.push(child);
+        }
+    }
+    Ok(out)
 }
 
 /// The entries of an ld.so.cache naming `soname`, as the host's ldconfig prints them: the
@@ -206,49 +215,44 @@ fn compare_tree(root: &Path, listing: &BTreeMap<String, serde_json::Value>) -> R
     use std::os::unix::fs::MetadataExt;
     let mut seen = Vec::new();
     let mut diffs = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let host = entry.path();
-            let rel = host.strip_prefix(root)?.to_string_lossy().into_owned();
-            let meta = std::fs::symlink_metadata(&host)?;
-            seen.push(rel.clone());
-            let Some(want) = listing.get(&rel) else {
-                diffs.push(format!("{rel}: on disk, not in the tree"));
-                continue;
-            };
-            let mode = meta.mode() & 0o7777;
-            if want["mode"].as_u64() != Some(u64::from(mode)) && !meta.file_type().is_symlink() {
-                diffs.push(format!("{rel}: mode {mode:o}, want {}", want["mode"]));
+    for rel_path in entries_below(root)? {
+        let host = root.join(&rel_path);
+        let rel = rel_path.to_string_lossy().into_owned();
+        let meta = std::fs::symlink_metadata(&host)?;
+        seen.push(rel.clone());
+        let Some(want) = listing.get(&rel) else {
+            diffs.push(format!("{rel}: on disk, not in the tree"));
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        if want["mode"].as_u64() != Some(u64::from(mode)) && !meta.file_type().is_symlink() {
+            diffs.push(format!("{rel}: mode {mode:o}, want {}", want["mode"]));
+        }
+        if want["uid"].as_u64() != Some(u64::from(meta.uid()))
+            || want["gid"].as_u64() != Some(u64::from(meta.gid()))
+        {
+            diffs.push(format!(
+                "{rel}: owner {}:{}, want {}:{}",
+                meta.uid(),
+                meta.gid(),
+                want["uid"],
+                want["gid"]
+            ));
+        }
+        let kind = want["kind"].as_str().unwrap_or_default();
+        if meta.is_dir() {
+            if kind != "dir" {
+                diffs.push(format!("{rel}: dir, want {kind}"));
             }
-            if want["uid"].as_u64() != Some(u64::from(meta.uid()))
-                || want["gid"].as_u64() != Some(u64::from(meta.gid()))
-            {
-                diffs.push(format!(
-                    "{rel}: owner {}:{}, want {}:{}",
-                    meta.uid(),
-                    meta.gid(),
-                    want["uid"],
-                    want["gid"]
-                ));
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&host)?.to_string_lossy().into_owned();
+            if kind != "symlink" || want["target"].as_str() != Some(target.as_str()) {
+                diffs.push(format!("{rel}: symlink to {target}, want {kind} {}", want["target"]));
             }
-            let kind = want["kind"].as_str().unwrap_or_default();
-            if meta.is_dir() {
-                stack.push(host.clone());
-                if kind != "dir" {
-                    diffs.push(format!("{rel}: dir, want {kind}"));
-                }
-            } else if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(&host)?.to_string_lossy().into_owned();
-                if kind != "symlink" || want["target"].as_str() != Some(target.as_str()) {
-                    diffs.push(format!("{rel}: symlink to {target}, want {kind} {}", want["target"]));
-                }
-            } else if meta.is_file() {
-                let hash = sha256_file(&host)?;
-                if kind != "file" || want["sha256"].as_str() != Some(hash.as_str()) {
-                    diffs.push(format!("{rel}: file content differs ({kind})"));
-                }
+        } else if meta.is_file() {
+            let hash = sha256_file(&host)?;
+            if kind != "file" || want["sha256"].as_str() != Some(hash.as_str()) {
+                diffs.push(format!("{rel}: file content differs ({kind})"));
             }
         }
     }
