@@ -10,17 +10,22 @@
 mod clock;
 mod cmdline;
 mod console;
+mod control;
 mod gpt;
 mod guard;
 mod input;
 mod kmod;
 mod mounts;
+mod netns;
 mod passphrase;
 mod power;
 mod root;
+mod sandbox;
 mod shutdown;
 mod stage1;
 mod stage2;
+mod supervisor;
+mod system;
 mod unlock;
 
 use std::time::Duration;
@@ -34,6 +39,13 @@ fn main() {
             power::halt_after(Duration::from_secs(10), &consoles);
         }
     }));
+    let args: Vec<String> = std::env::args().collect();
+    // The links of a service's launch chain run as ordinary children of PID 1.
+    if let Some(link @ (sandbox::LAUNCH_ARG | sandbox::NS_INIT_ARG | sandbox::EXEC_ARG)) =
+        args.get(1).map(String::as_str)
+    {
+        sandbox::run_link(link, args.get(2).map(String::as_str));
+    }
     // Every stage mounts over /dev, /proc… and ends in a power off: never as an ordinary process
     // on a developer's host. (/proc is not mounted yet, so the appliance flag is checked later,
     // by stage 1 right after its mounts and by every machine-global action.)
@@ -41,9 +53,10 @@ fn main() {
         eprintln!("cloister-init: refusing to run: not pid 1");
         std::process::exit(2);
     }
-    match std::env::args().nth(1).as_deref() {
+    match args.get(1).map(String::as_str) {
         Some(cloister_proto::STAGE2_ARG) => stage2::run(),
-        Some(shutdown::SHUTDOWN_ARG) => shutdown::run(),
+        Some(cloister_proto::SUPERVISE_ARG) => stage2::supervise_only(args.get(2), args.get(3)),
+        Some(shutdown::SHUTDOWN_ARG) => shutdown::run(args.get(2).map(String::as_str)),
         _ => stage1::run(),
     }
 }

@@ -222,13 +222,50 @@ pub fn take_api_mounts() -> Result<(), MountError> {
 /// Unmounts what is left under the old root, then the old root itself; a busy submount is
 /// detached, but the root must unmount for real so that its mapping can close.
 pub fn unmount_old_root() -> Result<(), MountError> {
-    let run = format!("{OLDROOT}/run");
-    let _ = nix::mount::umount2(run.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    // Deepest first (/oldroot/run/cloister/netns/chat before /oldroot/run, /oldroot/tmp…).
+    let mountinfo = std::fs::read_to_string(MOUNTINFO).unwrap_or_default();
+    let mut below: Vec<PathBuf> = mount_points(&mountinfo)
+        .into_iter()
+        .filter(|p| p.starts_with(OLDROOT) && p != Path::new(OLDROOT))
+        .collect();
+    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in below {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
     nix::mount::umount(OLDROOT).map_err(|source| MountError::Fs {
         op: "umount",
         path: OLDROOT.into(),
         source,
     })
+}
+
+/// Where the kernel lists this process's mounts.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// The mount points named in a mountinfo text (proc(5)), in order, with the kernel's octal
+/// escapes (`\040` for a space) decoded.
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(unescape_octal).map(PathBuf::from).collect()
+}
+
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok());
+        match (bytes[i], code.and_then(|d| u8::from_str_radix(d, 8).ok())) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Remounts `/` read-only so the filesystem is clean when the power goes.
@@ -274,6 +311,19 @@ mod tests {
         assert_eq!(std::fs::read_link(dst.path().join("lib64")).unwrap(), Path::new("lib"));
         assert!(!dst.path().join("proc").exists());
         assert!(dst.path().join("lib").exists() && !dst.path().join("lib/modules").exists());
+    }
+
+    #[test]
+    fn mount_points_are_read_from_mountinfo() {
+        let text = "22 1 0:21 / / rw,relatime shared:1 - xfs /dev/mapper/cloister-root rw\n\
+                    23 22 0:5 / /dev rw,nosuid shared:2 - devtmpfs devtmpfs rw,mode=755\n\
+                    40 22 0:33 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_points(text),
+            [Path::new("/"), Path::new("/dev"), Path::new("/mnt/with space")].map(Path::to_path_buf)
+        );
+        let here = std::fs::read_to_string(MOUNTINFO).unwrap();
+        assert!(mount_points(&here).iter().any(|p| p == Path::new("/proc")));
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum PowerError {
     Refused(#[from] GuardError),
     #[error("reboot(power off): {0}")]
     PowerOff(nix::Error),
+    #[error("reboot(restart): {0}")]
+    Restart(nix::Error),
     #[error("reboot(disable ctrl-alt-del): {0}")]
     DisableCad(nix::Error),
     #[error("kill(-1, {signal}): {source}")]
@@ -28,6 +30,49 @@ pub fn power_off() -> Result<Infallible, PowerError> {
     guard::check("power off")?;
     nix::unistd::sync();
     reboot(RebootMode::RB_POWER_OFF).map_err(PowerError::PowerOff)
+}
+
+/// Restarts the machine. Only returns on failure or refusal.
+pub fn reboot_now() -> Result<Infallible, PowerError> {
+    guard::check("reboot")?;
+    nix::unistd::sync();
+    reboot(RebootMode::RB_AUTOBOOT).map_err(PowerError::Restart)
+}
+
+/// How PID 1's life ends after an orderly shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    PowerOff,
+    Reboot,
+}
+
+impl Ending {
+    /// The word passed to `/init --shutdown` in the initramfs copy.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Ending::PowerOff => "poweroff",
+            Ending::Reboot => "reboot",
+        }
+    }
+
+    pub fn from_arg(arg: Option<&str>) -> Self {
+        if arg == Some("reboot") {
+            Ending::Reboot
+        } else {
+            Ending::PowerOff
+        }
+    }
+}
+
+/// Like [`halt_after`] without delay, but restarts instead when asked to; a refused or failed
+/// reboot still ends in a power off.
+pub fn end(ending: Ending, consoles: &Consoles) -> ! {
+    if ending == Ending::Reboot {
+        consoles.drain();
+        let Err(e) = reboot_now();
+        consoles.line(&format!("cloister: {e}; powering off instead"));
+    }
+    halt_after(Duration::ZERO, consoles)
 }
 
 /// Makes Ctrl-Alt-Del send SIGINT to PID 1 instead of rebooting at once.

@@ -2,7 +2,7 @@
 //! the root (`/init --shutdown`). With nothing left running on the root it unmounts it, closes
 //! the dm-crypt mapping so the disk is left consistent, and powers off.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cloister_proto::{marker, ROOT_MAPPING};
 
@@ -13,7 +13,8 @@ use crate::{mounts, power, unlock};
 /// argv[1] that selects this stage; only this binary passes it to itself.
 pub const SHUTDOWN_ARG: &str = "--shutdown";
 
-pub fn run() -> ! {
+/// `/init --shutdown [poweroff|reboot]`.
+pub fn run(how: Option<&str>) -> ! {
     let moved = mounts::take_api_mounts();
     let consoles = Consoles::open(&Cmdline::read());
     let say = |s: &str| consoles.line(s);
@@ -35,6 +36,7 @@ pub fn run() -> ! {
         step("close-root", unlock::deactivate(ROOT_MAPPING).map_err(|e| e.to_string()), start);
     }
     nix::unistd::sync();
-    say(marker::POWER_OFF);
-    power::halt_after(Duration::ZERO, &consoles)
+    let ending = power::Ending::from_arg(how);
+    say(if ending == power::Ending::Reboot { marker::REBOOT } else { marker::POWER_OFF });
+    power::end(ending, &consoles)
 }

@@ -2,22 +2,23 @@
 //! reap children, and on a shutdown request stop everything and power off cleanly.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use cloister_plan::{Plan, PLAN_PATH, RUN_DIR, STATE_DIR};
 use cloister_proto::marker;
 
 use crate::cmdline::Cmdline;
 use crate::console::Consoles;
+use crate::power::Ending;
+use crate::supervisor::{Outcome, Supervisor};
+use crate::system::{self, StepRecord, Steps};
 use crate::{clock, input, kmod, mounts, power};
 
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
@@ -35,18 +36,95 @@ pub fn run() -> ! {
     let consoles = Consoles::open(&Cmdline::read());
     consoles.line(&cloister_proto::unlocked_line(clock::boot_ms()));
     let say = |s: &str| consoles.line(s);
-    match signal_fd() {
-        Ok(sfd) => {
-            if let Err(e) = power::disable_ctrl_alt_del() {
-                say(&format!("cloister: {e}"));
-            }
-            let buttons = open_power_buttons(&say);
-            wait_for_shutdown(&sfd, &buttons, &say);
-        }
+    let sfd = match signal_fd() {
+        Ok(sfd) => sfd,
         // Without signals we cannot be stopped cleanly; keep the root consistent and stop now.
-        Err(e) => say(&format!("{} stage2: {e}", marker::FATAL)),
+        Err(e) => {
+            say(&format!("{} stage2: {e}", marker::FATAL));
+            shutdown(&consoles, Ending::PowerOff)
+        }
+    };
+    if let Err(e) = power::disable_ctrl_alt_del() {
+        say(&format!("cloister: {e}"));
     }
-    shutdown(&consoles)
+    let buttons = open_power_buttons(&say);
+    let (plan, steps) = prepare(&say);
+    let mut sup = Supervisor::new(plan, Path::new(RUN_DIR), &say, steps);
+    sup.watch_kernel_log();
+    let ending = match sup.run(&sfd, &buttons) {
+        Outcome::PowerOff => Ending::PowerOff,
+        Outcome::Reboot => Ending::Reboot,
+    };
+    say(marker::SHUTDOWN);
+    sup.stop_all();
+    match system::save_seed(Path::new(STATE_DIR)) {
+        Ok(n) => say(&format!("cloister: random seed saved ({n} bytes)")),
+        Err(e) => say(&format!("cloister: random seed not saved: {e}")),
+    }
+    shutdown(&consoles, ending)
+}
+
+/// The machine steps, then the firewall; if any of them fails no service may start, so the
+/// plan comes back without services (fail closed) and the console says why.
+fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>) {
+    let mut steps = Steps::new(say);
+    let mut plan = match Plan::load(Path::new(PLAN_PATH)) {
+        Ok(plan) => plan,
+        Err(e) => {
+            say(&format!("{}: {e}", marker::SERVICES_HELD));
+            return (empty_plan(), steps.records().to_vec());
+        }
+    };
+    let machine =
+        system::machine_steps(&mut steps, &plan.hostname, plan.build_time_unix, Path::new(STATE_DIR));
+    let firewall =
+        machine.map_err(|e| e.to_string()).and_then(|()| steps.run("firewall", firewall_placeholder));
+    if let Err(e) = firewall {
+        say(&format!("{}: {e}", marker::SERVICES_HELD));
+        plan.services.clear();
+    }
+    (plan, steps.records().to_vec())
+}
+
+/// The firewall issue fills this step. Until then nothing brings up any interface but
+/// loopback, so nothing can leave the machine.
+fn firewall_placeholder() -> Result<(), String> {
+    Ok(())
+}
+
+/// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of
+/// a pid namespace. No machine-global step runs; a shutdown request stops the services and
+/// exits 0.
+pub fn supervise_only(plan: Option<&String>, run_dir: Option<&String>) -> ! {
+    let (Some(plan), Some(run_dir)) = (plan, run_dir) else {
+        eprintln!("usage: cloister-init {} <plan.json> <run-dir>", cloister_proto::SUPERVISE_ARG);
+        std::process::exit(2)
+    };
+    let plan = match Plan::load(Path::new(plan)) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("cloister-init: {e}");
+            std::process::exit(2)
+        }
+    };
+    let sfd = match signal_fd() {
+        Ok(sfd) => sfd,
+        Err(e) => {
+            eprintln!("cloister-init: {e}");
+            std::process::exit(2)
+        }
+    };
+    let say = |s: &str| println!("{s}");
+    let mut sup = Supervisor::new(plan, Path::new(run_dir), &say, Vec::new());
+    let outcome = sup.run(&sfd, &[]);
+    say(&format!("{} ({outcome:?} requested)", marker::SHUTDOWN));
+    sup.stop_all();
+    say(marker::POWER_OFF);
+    std::process::exit(0)
+}
+
+fn empty_plan() -> Plan {
+    Plan { hostname: "localhost".into(), build_time_unix: 0, admin_uids: Vec::new(), services: Vec::new() }
 }
 
 fn signal_fd() -> Result<SignalFd, SignalError> {
@@ -92,46 +170,9 @@ fn reap() {
     }
 }
 
-/// Runs the main loop until a shutdown request: SIGTERM, SIGINT (Ctrl-Alt-Del), SIGPWR or
-/// a power button press. SIGCHLD reaps.
-fn wait_for_shutdown(sfd: &SignalFd, buttons: &[File], say: &dyn Fn(&str)) {
-    let mut buf = [0u8; input::EVENT_SIZE * 16];
-    loop {
-        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-        fds.extend(buttons.iter().map(|b| PollFd::new(b.as_fd(), PollFlags::POLLIN)));
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                say(&format!("cloister: poll: {e}; shutting down"));
-                return;
-            }
-        }
-        let ready: Vec<bool> =
-            fds.iter().map(|f| f.revents().is_some_and(|r| r.intersects(PollFlags::POLLIN))).collect();
-        if ready[0] {
-            while let Ok(Some(info)) = sfd.read_signal() {
-                if info.ssi_signo == Signal::SIGCHLD as u32 {
-                    reap();
-                } else {
-                    let name = i32::try_from(info.ssi_signo).ok().and_then(|n| Signal::try_from(n).ok());
-                    say(&format!("cloister: {} received", name.map_or("signal", |s| s.as_str())));
-                    return;
-                }
-            }
-        }
-        for (i, mut b) in buttons.iter().enumerate() {
-            if ready[i + 1] && b.read(&mut buf).is_ok_and(|n| input::has_power_press(&buf[..n])) {
-                say("cloister: power button pressed");
-                return;
-            }
-        }
-    }
-}
-
 /// Stops every process, makes the root read-only and cuts the power. Never returns.
-fn shutdown(consoles: &Consoles) -> ! {
+fn shutdown(consoles: &Consoles, ending: Ending) -> ! {
     let say = |s: &str| consoles.line(s);
-    say(marker::SHUTDOWN);
     if let Err(e) = power::kill_all(Signal::SIGTERM) {
         say(&format!("cloister: {e}"));
     }
@@ -156,10 +197,11 @@ fn shutdown(consoles: &Consoles) -> ! {
     let shutdown_init = format!("{}{}", mounts::SHUTDOWN_ROOT, cloister_proto::STAGE1_PATH);
     if Path::new(&shutdown_init).exists() {
         consoles.drain();
-        let Err(e) =
-            mounts::pivot_to_shutdown_root(cloister_proto::STAGE1_PATH, &[crate::shutdown::SHUTDOWN_ARG]);
+        let Err(e) = mounts::pivot_to_shutdown_root(
+            cloister_proto::STAGE1_PATH,
+            &[crate::shutdown::SHUTDOWN_ARG, ending.arg()],
+        );
         say(&format!("cloister: {e}"));
     }
-    say(marker::POWER_OFF);
-    power::halt_after(Duration::ZERO, consoles)
+    power::end(ending, consoles)
 }

@@ -46,8 +46,49 @@ pub mod marker {
     pub const SHUTDOWN: &str = "cloister: shutting down";
     /// Last line before the power is cut after an orderly shutdown.
     pub const POWER_OFF: &str = "cloister: power off";
+    /// Last line before a restart after an orderly shutdown.
+    pub const REBOOT: &str = "cloister: reboot";
     /// Prefix of a fatal stage error; the step name and the error follow.
     pub const FATAL: &str = "cloister: fatal:";
+    /// Printed once every service of the plan is ready:
+    /// `cloister: all services ready (<n> ms in stage 2)`.
+    pub const ALL_READY: &str = "cloister: all services ready";
+    /// Printed once no service is on its way up for the first time any more (after
+    /// [`ALL_READY`] if they all are): `cloister: pid 1 rss <n> KiB`.
+    pub const PID1_RSS: &str = "cloister: pid 1 rss";
+    /// Printed instead of starting services when the firewall step failed.
+    pub const SERVICES_HELD: &str = "cloister: services not started";
+}
+
+/// Argument that runs the supervisor outside an appliance (as PID 1 of a test's pid namespace):
+/// `--supervise <plan.json> <run-dir>`. No machine-global step runs in this mode.
+pub const SUPERVISE_ARG: &str = "--supervise";
+
+/// What the supervisor prints about a service, one whole line each:
+/// `cloister: service <name> <event>`.
+pub mod service_event {
+    pub const PREFIX: &str = "cloister: service ";
+    /// `started (pid <n>)`
+    pub const STARTED: &str = "started";
+    /// `ready (<n> ms, <m> ms in stage 2)`: n since its start, m since the supervisor's
+    pub const READY: &str = "ready";
+    /// `exited (<how>); restart in <n> ms`
+    pub const EXITED: &str = "exited";
+    /// `failed: <why>`: given up on (crash loop, never ready); the others keep running.
+    pub const FAILED: &str = "failed:";
+    /// `stopped (<how>)`
+    pub const STOPPED: &str = "stopped";
+
+    /// `cloister: service <name> <event>`
+    pub fn line(name: &str, event: &str) -> String {
+        format!("{PREFIX}{name} {event}")
+    }
+
+    /// The service name and the rest, if `line` is a service event.
+    pub fn parse(line: &str) -> Option<(&str, &str)> {
+        let rest = &line[line.find(PREFIX)? + PREFIX.len()..];
+        rest.split_once(' ')
+    }
 }
 
 /// Formats the unlock line exactly as the tests expect it.
@@ -71,5 +112,12 @@ mod tests {
         assert_eq!(parse_unlocked_ms(&unlocked_line(1234)), Some(1234));
         assert_eq!(parse_unlocked_ms("noise cloister: root unlocked and mounted (7 ms since boot)"), Some(7));
         assert_eq!(parse_unlocked_ms("cloister: root unlocked and mounted"), None);
+    }
+
+    #[test]
+    fn service_events_round_trip() {
+        let line = service_event::line("ngircd", "started (pid 7)");
+        assert_eq!(service_event::parse(&format!("[ 1.0] {line}")), Some(("ngircd", "started (pid 7)")));
+        assert_eq!(service_event::parse("ngircd: hello"), None);
     }
 }

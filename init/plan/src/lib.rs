@@ -1,0 +1,248 @@
+//! The service plan: what stage 2 of PID 1 runs, resolved at build time from `cloister.toml`
+//! against the image's own passwd, group and files. Users' names became numeric ids, paths are
+//! absolute and checked to exist in the image, and the `after` graph is known to be acyclic, so
+//! PID 1 trusts the plan's shape and only fails on what the running system can break.
+//!
+//! The builder writes it as JSON to [`PLAN_PATH`]; the sandbox launcher gets one [`Service`] as a
+//! JSON argument.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the plan lives on the root filesystem.
+pub const PLAN_PATH: &str = "/etc/cloister/plan.json";
+/// The one directory that holds all state the appliance learns at run time.
+pub const STATE_DIR: &str = "/var/lib/cloister";
+/// Runtime directory of PID 1 (control socket, named network namespaces).
+pub const RUN_DIR: &str = "/run/cloister";
+/// The control socket's file name inside the run directory.
+pub const CONTROL_SOCKET: &str = "control";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// The hostname every namespace sees: generic, the same on every appliance.
+    pub hostname: String,
+    /// Seconds since the epoch when the image was built: the clock never starts earlier.
+    pub build_time_unix: u64,
+    /// Uids allowed on the control socket besides root.
+    pub admin_uids: Vec<u32>,
+    /// In start order: every service comes after all services it names in `after`.
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// Absolute path of the executable inside the image.
+    pub exec: PathBuf,
+    /// argv[1..].
+    pub args: Vec<String>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// The whole environment the service gets, in order.
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    pub namespaces: Namespaces,
+    pub mounts: Mounts,
+    /// Capability names as in capabilities(7) (`CAP_NET_BIND_SERVICE`).
+    pub caps_bounding: Vec<String>,
+    pub caps_ambient: Vec<String>,
+    pub no_new_privs: bool,
+    pub rlimits: Rlimits,
+    /// Services that must be ready before this one starts.
+    pub after: Vec<String>,
+    pub ready: Readiness,
+    pub restart: Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespaces {
+    pub mount: bool,
+    pub pid: bool,
+    pub ipc: bool,
+    pub uts: bool,
+    pub net: NetNs,
+}
+
+/// Which network namespace a service runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetNs {
+    /// The machine's own: where the uplink is (only tor belongs here).
+    Host,
+    /// Loopback only, shared by the chat services.
+    Chat,
+}
+
+impl NetNs {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetNs::Host => "host",
+            NetNs::Chat => "chat",
+        }
+    }
+}
+
+/// The service's view of the file system when `namespaces.mount` is set: the root file system
+/// read-only, a fresh /proc, a minimal /dev, empty tmpfs on /tmp and /run, and these on top.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mounts {
+    /// Bound read-write at the same path.
+    pub writable: Vec<PathBuf>,
+    /// Empty tmpfs mounted here (directories that exist in the image).
+    pub tmpfs: Vec<PathBuf>,
+    /// Bound read-only at the same path: things not on the root file system (tests, mostly).
+    pub read_only: Vec<PathBuf>,
+}
+
+/// `None` keeps the inherited limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimits {
+    pub nproc: Option<u64>,
+    pub nofile: Option<u64>,
+    pub address_space: Option<u64>,
+    pub core: Option<u64>,
+}
+
+/// When a started service counts as ready (its dependents may start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Readiness {
+    /// As soon as it is started.
+    Started,
+    /// A TCP connection to this address (inside the service's network namespace) is accepted.
+    Tcp(SocketAddr),
+    /// A connection to this unix socket (inside the service's mount namespace) is accepted.
+    Unix(PathBuf),
+    /// This path exists (inside the service's mount namespace).
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    /// The first restart waits this long; each further one twice as long, up to `max_delay_ms`.
+    pub initial_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// This many exits within `window_ms` make a crash loop: the service is marked failed.
+    pub max_exits: u32,
+    pub window_ms: u64,
+    /// Running this long resets the delay to `initial_delay_ms`.
+    pub stable_ms: u64,
+    /// How long the service may take to become ready before it counts as failed to start.
+    pub ready_timeout_ms: u64,
+    /// Between SIGTERM and SIGKILL when stopping.
+    pub stop_grace_ms: u64,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Self {
+            initial_delay_ms: 250,
+            max_delay_ms: 30_000,
+            max_exits: 5,
+            window_ms: 60_000,
+            stable_ms: 30_000,
+            ready_timeout_ms: 60_000,
+            stop_grace_ms: 5_000,
+        }
+    }
+}
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Self { mount: true, pid: true, ipc: true, uts: true, net: NetNs::Chat }
+    }
+}
+
+impl Default for Rlimits {
+    fn default() -> Self {
+        Self { nproc: None, nofile: Some(1024), address_space: None, core: Some(0) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("service {name}: {source}")]
+    Service { name: String, source: serde_json::Error },
+}
+
+impl Plan {
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let text = std::fs::read(path).map_err(|source| PlanError::Read { path: path.into(), source })?;
+        serde_json::from_slice(&text).map_err(|source| PlanError::Parse { path: path.into(), source })
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+impl Service {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, PlanError> {
+        serde_json::from_str(text).map_err(|source| PlanError::Service { name: "<argument>".into(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Service {
+        Service {
+            name: "ngircd".into(),
+            exec: "/usr/sbin/ngircd".into(),
+            args: vec!["--nodaemon".into()],
+            uid: 39,
+            gid: 39,
+            groups: vec![],
+            env: vec![("PATH".into(), "/usr/bin".into())],
+            workdir: "/".into(),
+            namespaces: Namespaces::default(),
+            mounts: Mounts::default(),
+            caps_bounding: vec![],
+            caps_ambient: vec![],
+            no_new_privs: true,
+            rlimits: Rlimits::default(),
+            after: vec![],
+            ready: Readiness::Tcp("127.0.0.1:6667".parse().unwrap()),
+            restart: Restart::default(),
+        }
+    }
+
+    #[test]
+    fn service_round_trips_through_json() {
+        let s = sample();
+        assert_eq!(Service::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        v["surprise"] = 1.into();
+        assert!(Service::from_json(&v.to_string()).is_err());
+    }
+}

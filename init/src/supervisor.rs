@@ -1,0 +1,806 @@
+//! The service manager inside PID 1: starts the plan's services in order once their
+//! dependencies are ready, captures their output, restarts them with exponential backoff, gives
+//! up on crash loops while the rest keeps running, answers the control socket, and stops
+//! everything in reverse order. Everything risky about a start (namespaces, mounts, privileges)
+//! happens in the launch chain's own processes (`sandbox`), never here.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::json;
+
+use cloister_plan::{NetNs, Plan, Service};
+use cloister_proto::{marker, service_event};
+
+use crate::control::{self, Client, Progress, Request};
+use crate::input;
+use crate::sandbox::{self, Launch};
+use crate::system::StepRecord;
+
+/// Lines kept in memory for `log` (nothing goes to disk).
+const JOURNAL_LINES: usize = 2000;
+/// Longest line kept from a service; the rest of a longer one starts a new line.
+const MAX_LINE: usize = 1024;
+
+/// Why the main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    PowerOff,
+    Reboot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Starting,
+    Ready,
+    Backoff,
+    Failed,
+    Stopping,
+    Stopped,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Backoff => "backoff",
+            State::Failed => "failed",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+struct Unit {
+    svc: Service,
+    state: State,
+    pid: Option<Pid>,
+    log: Option<Lines>,
+    status: Option<Lines>,
+    started: Instant,
+    restarts: u32,
+    exits: VecDeque<Instant>,
+    delay_ms: u64,
+    due: Option<Instant>,
+    restart_now: bool,
+}
+
+pub struct Supervisor<'a> {
+    plan: Plan,
+    run_dir: PathBuf,
+    say: &'a dyn Fn(&str),
+    units: Vec<Unit>,
+    journal: VecDeque<String>,
+    born: Instant,
+    settled_said: bool,
+    steps: Vec<StepRecord>,
+    control: Option<UnixListener>,
+    clients: Vec<Client>,
+    chat_netns: PathBuf,
+    kmsg: Option<File>,
+}
+
+impl<'a> Supervisor<'a> {
+    /// Prepares the run directory (control socket, the `chat` namespace, the root-view mount
+    /// point). A part that fails is logged; services that need it then fail to start.
+    pub fn new(plan: Plan, run_dir: &Path, say: &'a dyn Fn(&str), steps: Vec<StepRecord>) -> Self {
+        let units = plan.services.iter().map(|svc| Unit::new(svc.clone())).collect();
+        let mut sup = Self {
+            plan,
+            run_dir: run_dir.to_path_buf(),
+            say,
+            units,
+            journal: VecDeque::new(),
+            born: Instant::now(),
+            settled_said: false,
+            steps,
+            control: None,
+            clients: Vec::new(),
+            chat_netns: run_dir.join("netns").join(NetNs::Chat.name()),
+            kmsg: None,
+        };
+        if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
+            sup.note(&format!("cloister: {}: {e}", run_dir.join("root").display()));
+        }
+        if let Err(e) = crate::netns::create(&sup.chat_netns) {
+            sup.note(&format!("cloister: chat network namespace: {e}"));
+        }
+        match bind_control(&run_dir.join(cloister_plan::CONTROL_SOCKET)) {
+            Ok(l) => sup.control = Some(l),
+            Err(e) => sup.note(&format!("cloister: control socket: {e}")),
+        }
+        sup
+    }
+
+    /// Also keep kernel messages in the journal (the appliance's own, not a host's).
+    pub fn watch_kernel_log(&mut self) {
+        self.kmsg = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlag::O_NONBLOCK.bits())
+            .open("/dev/kmsg")
+            .ok();
+    }
+
+    /// Runs services until a shutdown request: SIGTERM/SIGINT/SIGPWR on `signals`, a power
+    /// button press on `buttons`, or `poweroff`/`reboot` on the control socket.
+    pub fn run(&mut self, signals: &SignalFd, buttons: &[File]) -> Outcome {
+        loop {
+            self.start_due();
+            let timeout = self.next_timeout();
+            let mut watched = Watched::default();
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            for b in buttons {
+                fds.push(PollFd::new(b.as_fd(), PollFlags::POLLIN));
+            }
+            self.add_fds(&mut fds, &mut watched);
+            match poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    self.note(&format!("cloister: poll: {e}; shutting down"));
+                    return Outcome::PowerOff;
+                }
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+            drop(fds);
+            if let Some(outcome) = self.handle_signals(signals) {
+                return outcome;
+            }
+            if self.pressed(buttons, &ready[1..=buttons.len()]) {
+                self.note("cloister: power button pressed");
+                return Outcome::PowerOff;
+            }
+            self.drain_outputs();
+            if let Some(outcome) = self.serve_control(&watched, &ready[1 + buttons.len()..]) {
+                return outcome;
+            }
+        }
+    }
+
+    fn pressed(&self, buttons: &[File], ready: &[bool]) -> bool {
+        let mut buf = [0u8; input::EVENT_SIZE * 16];
+        buttons
+            .iter()
+            .zip(ready)
+            .any(|(mut b, r)| *r && b.read(&mut buf).is_ok_and(|n| input::has_power_press(&buf[..n])))
+    }
+
+    fn handle_signals(&mut self, signals: &SignalFd) -> Option<Outcome> {
+        while let Ok(Some(info)) = signals.read_signal() {
+            let signo = i32::try_from(info.ssi_signo).ok().and_then(|n| Signal::try_from(n).ok());
+            match signo {
+                Some(Signal::SIGCHLD) => self.reap(),
+                Some(sig) => {
+                    self.note(&format!("cloister: {} received", sig.as_str()));
+                    return Some(Outcome::PowerOff);
+                }
+                None => {}
+            }
+        }
+        None
+    }
+
+    /// Registers every descriptor worth waking for after the signalfd and buttons.
+    fn add_fds<'f>(&'f self, fds: &mut Vec<PollFd<'f>>, watched: &mut Watched) {
+        if let Some(l) = &self.control {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            watched.listener = true;
+        }
+        for c in &self.clients {
+            fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+        }
+        watched.clients = self.clients.len();
+        for u in &self.units {
+            for lines in [&u.log, &u.status].into_iter().flatten() {
+                fds.push(PollFd::new(lines.file.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        if let Some(k) = &self.kmsg {
+            fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
+        }
+    }
+
+    /// Milliseconds until the next timer (backoff, client deadline), at most one second.
+    fn next_timeout(&self) -> u64 {
+        let now = Instant::now();
+        let mut wait = Duration::from_secs(1);
+        for due in self.units.iter().filter_map(|u| u.due) {
+            wait = wait.min(due.saturating_duration_since(now));
+        }
+        if !self.clients.is_empty() {
+            wait = wait.min(Duration::from_millis(200));
+        }
+        u64::try_from(wait.as_millis()).unwrap_or(1000)
+    }
+
+    /// Logs a line to the consoles and the journal.
+    fn note(&mut self, line: &str) {
+        (self.say)(line);
+        self.remember(line.to_string());
+    }
+
+    fn remember(&mut self, line: String) {
+        if self.journal.len() >= JOURNAL_LINES {
+            self.journal.pop_front();
+        }
+        self.journal.push_back(line);
+    }
+
+    fn event(&mut self, i: usize, event: &str) {
+        let line = service_event::line(&self.units[i].svc.name, event);
+        self.note(&line);
+    }
+
+    // ---- starting ----
+
+    /// Starts every waiting service whose dependencies are ready, and every backoff that is due.
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.units.len() {
+            let unit = &self.units[i];
+            let startable = match unit.state {
+                State::Waiting => self.deps_ready(i),
+                State::Backoff => unit.due.is_some_and(|d| d <= now) && self.deps_ready(i),
+                _ => false,
+            };
+            if startable {
+                self.start(i);
+            } else if unit.state == State::Waiting {
+                if let Some(dep) = self.failed_dep(i) {
+                    self.units[i].state = State::Failed;
+                    self.event(i, &format!("{} dependency {dep} failed", service_event::FAILED));
+                }
+            }
+        }
+        self.report_settled();
+    }
+
+    /// Once, when no service is still on its way up for the first time: the all-ready line
+    /// (if they all are) and PID 1's memory, which the benchmark reads.
+    fn report_settled(&mut self) {
+        let first_start_pending =
+            |u: &Unit| matches!(u.state, State::Waiting | State::Starting) && u.restarts == 0;
+        if self.settled_said || self.units.iter().any(first_start_pending) {
+            return;
+        }
+        self.settled_said = true;
+        let ms = self.born.elapsed().as_millis();
+        if self.units.iter().all(|u| u.state == State::Ready) {
+            self.note(&format!("{} ({ms} ms in stage 2)", marker::ALL_READY));
+        }
+        if let Some(kib) = own_rss_kib() {
+            self.note(&format!("{} {kib} KiB", marker::PID1_RSS));
+        }
+    }
+
+    fn deps_ready(&self, i: usize) -> bool {
+        self.units[i].svc.after.iter().all(|dep| self.unit(dep).is_none_or(|u| u.state == State::Ready))
+    }
+
+    fn failed_dep(&self, i: usize) -> Option<String> {
+        self.units[i]
+            .svc
+            .after
+            .iter()
+            .find(|d| self.unit(d).is_some_and(|u| u.state == State::Failed))
+            .cloned()
+    }
+
+    fn unit(&self, name: &str) -> Option<&Unit> {
+        self.units.iter().find(|u| u.svc.name == name)
+    }
+
+    fn start(&mut self, i: usize) {
+        let netns = match self.units[i].svc.namespaces.net {
+            NetNs::Host => None,
+            NetNs::Chat => Some(self.chat_netns.clone()),
+        };
+        match spawn(&self.units[i].svc, netns, &self.run_dir.join("root"), &self.plan.hostname) {
+            Ok((pid, log, status)) => {
+                let unit = &mut self.units[i];
+                unit.pid = Some(pid);
+                unit.log = Some(log);
+                unit.status = Some(status);
+                unit.state = State::Starting;
+                unit.started = Instant::now();
+                unit.due = None;
+                self.event(i, &format!("{} (pid {pid})", service_event::STARTED));
+            }
+            Err(e) => {
+                self.event(i, &format!("{} cannot start: {e}", service_event::FAILED));
+                self.units[i].state = State::Failed;
+            }
+        }
+    }
+
+    // ---- output, readiness, exits ----
+
+    fn drain_outputs(&mut self) {
+        for i in 0..self.units.len() {
+            let name = self.units[i].svc.name.clone();
+            let lines = self.units[i].log.as_mut().map(Lines::take).unwrap_or_default();
+            for line in lines {
+                let line = format!("{name}: {line}");
+                (self.say)(&line);
+                self.remember(line);
+            }
+            let verdicts = self.units[i].status.as_mut().map(Lines::take).unwrap_or_default();
+            for v in verdicts {
+                self.on_status(i, &v);
+            }
+        }
+        let kernel = self.kmsg.as_mut().map(read_kmsg).unwrap_or_default();
+        for line in kernel {
+            self.remember(format!("kernel: {line}"));
+        }
+    }
+
+    fn on_status(&mut self, i: usize, verdict: &str) {
+        let unit = &mut self.units[i];
+        if unit.state != State::Starting {
+            return;
+        }
+        if verdict == sandbox::STATUS_READY {
+            unit.state = State::Ready;
+            let ms = unit.started.elapsed().as_millis();
+            let stage = self.born.elapsed().as_millis();
+            self.event(i, &format!("{} ({ms} ms, {stage} ms in stage 2)", service_event::READY));
+        } else {
+            let ms = unit.svc.restart.ready_timeout_ms;
+            if let Some(pid) = unit.pid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            self.note(&format!(
+                "cloister: service {} not ready after {ms} ms; killed",
+                self.units[i].svc.name
+            ));
+        }
+    }
+
+    /// Reaps every exited child; a service's exit goes through its restart policy.
+    fn reap(&mut self) {
+        loop {
+            let (pid, how) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, exit_text(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("killed by {}", sig.as_str())),
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            };
+            if let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) {
+                self.on_exit(i, &how);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, i: usize, how: &str) {
+        self.flush_unit_output(i);
+        let now = Instant::now();
+        let unit = &mut self.units[i];
+        unit.pid = None;
+        unit.log = None;
+        unit.status = None;
+        if unit.state == State::Stopping {
+            unit.state = State::Stopped;
+            self.event(i, &format!("{} ({how})", service_event::STOPPED));
+            return;
+        }
+        let policy = unit.svc.restart;
+        if std::mem::take(&mut unit.restart_now) {
+            unit.delay_ms = policy.initial_delay_ms;
+            unit.state = State::Backoff;
+            unit.due = Some(now);
+            self.event(i, &format!("{} ({how}); restart in 0 ms", service_event::EXITED));
+            return;
+        }
+        unit.exits.push_back(now);
+        let window = Duration::from_millis(policy.window_ms);
+        while unit.exits.front().is_some_and(|t| now.duration_since(*t) > window) {
+            unit.exits.pop_front();
+        }
+        if unit.exits.len() >= policy.max_exits as usize {
+            unit.state = State::Failed;
+            let n = unit.exits.len();
+            let event = format!(
+                "{} crash loop ({n} exits within {} s; last {how})",
+                service_event::FAILED,
+                window.as_secs()
+            );
+            self.event(i, &event);
+            return;
+        }
+        if now.duration_since(unit.started) >= Duration::from_millis(policy.stable_ms) || unit.delay_ms == 0 {
+            unit.delay_ms = policy.initial_delay_ms;
+        }
+        let delay = unit.delay_ms;
+        unit.delay_ms = (delay.saturating_mul(2)).min(policy.max_delay_ms);
+        unit.restarts += 1;
+        unit.state = State::Backoff;
+        unit.due = Some(now + Duration::from_millis(delay));
+        self.event(i, &format!("{} ({how}); restart in {delay} ms", service_event::EXITED));
+    }
+
+    fn flush_unit_output(&mut self, i: usize) {
+        let name = self.units[i].svc.name.clone();
+        if let Some(log) = self.units[i].log.as_mut() {
+            let mut lines = log.take();
+            lines.extend(log.rest());
+            for line in lines {
+                let line = format!("{name}: {line}");
+                (self.say)(&line);
+                self.remember(line);
+            }
+        }
+    }
+
+    // ---- control socket ----
+
+    fn serve_control(&mut self, watched: &Watched, ready: &[bool]) -> Option<Outcome> {
+        let mut ready = ready.iter().copied();
+        if watched.listener && ready.next() == Some(true) {
+            self.accept();
+        }
+        let now = Instant::now();
+        let mut outcome = None;
+        let mut keep = Vec::new();
+        for mut client in std::mem::take(&mut self.clients) {
+            match client.read() {
+                Progress::Pending if !client.expired(now) => keep.push(client),
+                Progress::Pending | Progress::Drop(None) => {}
+                Progress::Drop(Some(why)) => reply(&mut client, &json!({"ok": false, "error": why})),
+                Progress::Line(line) => outcome = outcome.or(self.answer(&mut client, &line)),
+            }
+        }
+        self.clients.extend(keep);
+        outcome
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.control else { return };
+        while let Ok((stream, _)) = listener.accept() {
+            if self.clients.len() >= 16 || stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let uid = getsockopt(&stream, PeerCredentials).ok().map(|c| c.uid());
+            self.clients.push(Client::new(stream, uid));
+        }
+    }
+
+    fn answer(&mut self, client: &mut Client, line: &[u8]) -> Option<Outcome> {
+        let allowed = client.uid.is_some_and(|u| u == 0 || self.plan.admin_uids.contains(&u));
+        if !allowed {
+            let who = client.uid.map_or("unknown".to_string(), |u| u.to_string());
+            self.note(&format!("cloister: control: refused uid {who}"));
+            reply(client, &json!({"ok": false, "error": "permission denied"}));
+            return None;
+        }
+        let request = match control::parse(line) {
+            Ok(r) => r,
+            Err(e) => {
+                reply(client, &json!({"ok": false, "error": e}));
+                return None;
+            }
+        };
+        match request {
+            Request::Status => reply(client, &self.status()),
+            Request::Log => {
+                let lines: Vec<&String> = self.journal.iter().rev().take(200).rev().collect();
+                reply(client, &json!({"ok": true, "lines": lines}));
+            }
+            Request::Restart(name) => {
+                let answer = self.request_restart(&name);
+                reply(client, &answer);
+            }
+            Request::PowerOff | Request::Reboot => {
+                reply(client, &json!({"ok": true}));
+                self.note(&format!(
+                    "cloister: control: {}",
+                    if request == Request::Reboot { "reboot" } else { "poweroff" }
+                ));
+                return Some(if request == Request::Reboot { Outcome::Reboot } else { Outcome::PowerOff });
+            }
+        }
+        None
+    }
+
+    fn request_restart(&mut self, name: &str) -> serde_json::Value {
+        let Some(i) = self.units.iter().position(|u| u.svc.name == name) else {
+            return json!({"ok": false, "error": format!("no service {name:?}")});
+        };
+        self.note(&format!("cloister: control: restart {name}"));
+        let unit = &mut self.units[i];
+        match unit.pid {
+            Some(pid) => {
+                unit.restart_now = true;
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+            None => {
+                unit.exits.clear();
+                unit.delay_ms = unit.svc.restart.initial_delay_ms;
+                unit.state = State::Backoff;
+                unit.due = Some(Instant::now());
+            }
+        }
+        json!({"ok": true})
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let services: Vec<serde_json::Value> = self
+            .units
+            .iter()
+            .map(|u| {
+                json!({
+                    "name": u.svc.name,
+                    "state": u.state.name(),
+                    "pid": u.pid.map(|p| p.as_raw()),
+                    "restarts": u.restarts,
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "uptime_ms": u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "steps": self.steps,
+            "services": services,
+        })
+    }
+
+    // ---- stopping ----
+
+    /// Stops every service in reverse start order: SIGTERM, its grace period, then SIGKILL to
+    /// the whole launch chain (whose ns-init takes its pid namespace with it).
+    pub fn stop_all(&mut self) {
+        self.clients.clear();
+        for i in (0..self.units.len()).rev() {
+            self.stop(i);
+        }
+    }
+
+    fn stop(&mut self, i: usize) {
+        let Some(pid) = self.units[i].pid else {
+            self.units[i].state = State::Stopped;
+            return;
+        };
+        self.units[i].state = State::Stopping;
+        let _ = kill(pid, Signal::SIGTERM);
+        let grace = Duration::from_millis(self.units[i].svc.restart.stop_grace_ms);
+        if !self.wait_exit(i, grace) {
+            let _ = killpg(pid, Signal::SIGKILL);
+            if !self.wait_exit(i, Duration::from_secs(2)) {
+                let name = self.units[i].svc.name.clone();
+                self.note(&format!("cloister: service {name} survived SIGKILL"));
+            }
+        }
+    }
+
+    fn wait_exit(&mut self, i: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.units[i].pid.is_some() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.reap();
+            self.drain_outputs();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+#[derive(Default)]
+struct Watched {
+    listener: bool,
+    clients: usize,
+}
+
+impl Unit {
+    fn new(svc: Service) -> Self {
+        Self {
+            delay_ms: svc.restart.initial_delay_ms,
+            svc,
+            state: State::Waiting,
+            pid: None,
+            log: None,
+            status: None,
+            started: Instant::now(),
+            restarts: 0,
+            exits: VecDeque::new(),
+            due: None,
+            restart_now: false,
+        }
+    }
+}
+
+/// This process's resident set, from /proc/self/status.
+fn own_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn exit_text(code: i32) -> String {
+    if code > 128 {
+        format!("killed by signal {}", code - 128)
+    } else {
+        format!("exit code {code}")
+    }
+}
+
+fn reply(client: &mut Client, value: &serde_json::Value) {
+    let _ = client.stream.set_nonblocking(false);
+    let _ = client.stream.set_write_timeout(Some(Duration::from_millis(500)));
+    let _ = writeln!(client.stream, "{value}");
+}
+
+fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    // Anyone on the machine may connect; SO_PEERCRED decides who may ask. Services cannot even
+    // see /run/cloister from their own mount namespace.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Starts the launch chain for `svc`: its own process group, output and status on pipes.
+fn spawn(
+    svc: &Service,
+    netns: Option<PathBuf>,
+    new_root: &Path,
+    hostname: &str,
+) -> Result<(Pid, Lines, Lines), String> {
+    fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    let (log_r, log_w) = std::io::pipe().map_err(io("output pipe"))?;
+    let log_w2 = log_w.try_clone().map_err(io("output pipe"))?;
+    let (status_r, status_w) = std::io::pipe().map_err(io("status pipe"))?;
+    // The launcher inherits the status pipe by number; PID 1 is single-threaded, so no other
+    // spawn can grab it before it is closed below.
+    fcntl(status_w.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| format!("status pipe: {e}"))?;
+    let launch = Launch {
+        service: svc.clone(),
+        netns,
+        new_root: new_root.to_path_buf(),
+        hostname: hostname.to_string(),
+        status_fd: status_w.as_raw_fd(),
+    };
+    let json = serde_json::to_string(&launch).map_err(|e| format!("describe: {e}"))?;
+    let child = Command::new("/proc/self/exe")
+        .arg(sandbox::LAUNCH_ARG)
+        .arg(json)
+        .stdin(Stdio::null())
+        .stdout(log_w)
+        .stderr(log_w2)
+        .env_clear()
+        .process_group(0)
+        .spawn()
+        .map_err(io("spawn launcher"))?;
+    drop(status_w);
+    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    Ok((
+        pid,
+        Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?,
+        Lines::new(File::from(std::os::fd::OwnedFd::from(status_r)))?,
+    ))
+}
+
+/// Non-blocking line splitter over a pipe.
+struct Lines {
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn new(file: File) -> Result<Self, String> {
+        let flags = fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(file.as_fd(), FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
+        Ok(Self { file, buf: Vec::new() })
+    }
+
+    /// Complete lines available now, printable (control characters replaced).
+    fn take(&mut self) -> Vec<String> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            if self.buf.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(end) =
+            self.buf.iter().position(|&b| b == b'\n').or((self.buf.len() >= MAX_LINE).then_some(MAX_LINE))
+        {
+            let line: Vec<u8> = self.buf.drain(..end.min(self.buf.len())).collect();
+            if self.buf.first() == Some(&b'\n') {
+                self.buf.remove(0);
+            }
+            out.push(printable(&line));
+        }
+        out
+    }
+
+    /// An unterminated last line.
+    fn rest(&mut self) -> Option<String> {
+        (!self.buf.is_empty()).then(|| printable(&std::mem::take(&mut self.buf)))
+    }
+}
+
+/// A service cannot drive the console with escape sequences.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
+}
+
+/// Kernel log records since the last read, message text only.
+fn read_kmsg(kmsg: &mut File) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut record = [0u8; 8192];
+    for _ in 0..256 {
+        match kmsg.read(&mut record) {
+            Ok(n) if n > 0 => {
+                let text = String::from_utf8_lossy(&record[..n]);
+                let msg = text.split_once(';').map_or(&*text, |(_, m)| m);
+                out.push(printable(msg.lines().next().unwrap_or("").as_bytes()));
+            }
+            Err(e) if e.raw_os_error() == Some(Errno::EPIPE as i32) => continue,
+            _ => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_cap_and_sanitise() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let mut lines = Lines::new(File::from(std::os::fd::OwnedFd::from(r))).unwrap();
+        w.write_all(b"one\ntw").unwrap();
+        assert_eq!(lines.take(), ["one"]);
+        w.write_all(b"o\x1b[2J\n").unwrap();
+        assert_eq!(lines.take(), ["two?[2J"]);
+        w.write_all(&vec![b'x'; MAX_LINE + 5]).unwrap();
+        let got = lines.take();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), MAX_LINE);
+        assert_eq!(lines.rest().as_deref(), Some("xxxxx"));
+    }
+
+    #[test]
+    fn exit_codes_above_128_name_the_signal() {
+        assert_eq!(exit_text(3), "exit code 3");
+        assert_eq!(exit_text(137), "killed by signal 9");
+    }
+}
