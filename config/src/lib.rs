@@ -1,13 +1,18 @@
-//! `cloister.toml`: what an image contains and how it is locked. Every key is optional: the
-//! embedded default (`default.toml`, the same values as [`Config::default`]) fills the gaps, so
-//! a build without any config file works. Unknown keys and bad values are errors that name the
-//! file, the line and the key.
+//! `cloister.toml`: what an image contains, how it is locked and which services it runs. Every
+//! key is optional: the embedded default (`default.toml`, the same values as [`Config::default`])
+//! fills the gaps, so a build without any config file works. Unknown keys and bad values are
+//! errors that name the file, the line and the key.
 #![forbid(unsafe_code)]
+
+pub mod caps;
+pub mod services;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use services::{ServiceConfig, Services};
 
 /// The embedded default config, shown to users and checked against [`Config::default`].
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
@@ -17,13 +22,23 @@ pub const MIN_ROOT_MIB: u64 = 300 + 32;
 /// One MiB for the GPT at each end and alignment.
 const GPT_OVERHEAD_MIB: u64 = 2;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub image: ImageConfig,
     pub packages: PackagesConfig,
     pub kdf: KdfConfig,
     pub boot: BootConfig,
+    pub system: SystemConfig,
+    /// Enabled services only, shipped ones first; see [`services::merge`].
+    pub services: Services,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Uids besides root that may use PID 1's control socket.
+    pub admin_uids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +70,19 @@ pub struct KdfConfig {
 pub struct BootConfig {
     pub consoles: Vec<String>,
     pub cmdline_extra: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            image: ImageConfig::default(),
+            packages: PackagesConfig::default(),
+            kdf: KdfConfig::default(),
+            boot: BootConfig::default(),
+            system: SystemConfig::default(),
+            services: services::default_services(),
+        }
+    }
 }
 
 impl Default for ImageConfig {
@@ -144,11 +172,13 @@ impl Config {
 
     /// Parses and validates `text`; `file` only names the source in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, Located> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
             let key = e.span().and_then(|s| key_at(text, s.start));
             Located { file: file.into(), line, key, message: first_line(e.message()) }
         })?;
+        // Without `[services]` serde filled in the shipped services; merging them again is a no-op.
+        config.services = services::merge(services::default_services(), config.services);
         config.validate().map_err(|(key, message)| Located {
             file: file.into(),
             line: line_of_key(text, &key),
@@ -207,7 +237,11 @@ impl Config {
         if let Some(w) = self.boot.cmdline_extra.iter().find(|w| !is_cmdline_word(w)) {
             return bad("boot.cmdline_extra", format!("{w:?} is not one command line word"));
         }
-        Ok(())
+        let uids = &self.system.admin_uids;
+        if let Some((i, uid)) = uids.iter().enumerate().find(|(i, u)| uids[..*i].contains(u)) {
+            return bad("system.admin_uids", format!("{uid} is listed twice (entry {})", i + 1));
+        }
+        services::validate(&self.services)
     }
 }
 
@@ -249,10 +283,10 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            table = name.trim().to_string();
+            table = unquote_dotted(name);
         }
         if i + 1 == line_no {
-            let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
+            let key = line.split_once('=').map(|(k, _)| unquote_dotted(k));
             return match key {
                 Some(k) if table.is_empty() => Some(k),
                 Some(k) => Some(format!("{table}.{k}")),
@@ -264,23 +298,46 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     None
 }
 
-/// The line where a dotted key (`table.key`) is set, if the file sets it.
+/// The line where a dotted key is set, or else where its closest enclosing key or table is
+/// (`services.a.restart.max_exits` in an inline table points at `restart = {...}`).
 fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
-    let (want_table, want_key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut want = dotted;
+    loop {
+        if let Some(line) = line_setting(text, want) {
+            return Some(line);
+        }
+        want = want.rsplit_once('.')?.0;
+    }
+}
+
+/// The line that sets exactly `dotted`, as `key = ...` under a table or as a `[table]` header.
+fn line_setting(text: &str, dotted: &str) -> Option<usize> {
     let mut table = String::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            table = name.trim().to_string();
-            continue;
-        }
-        if let Some((k, _)) = line.split_once('=') {
-            if table == want_table && k.trim().trim_matches('"') == want_key {
-                return Some(i + 1);
+        let full = if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = unquote_dotted(name);
+            table.clone()
+        } else if let Some((k, _)) = line.split_once('=') {
+            let k = unquote_dotted(k);
+            if table.is_empty() {
+                k
+            } else {
+                format!("{table}.{k}")
             }
+        } else {
+            continue;
+        };
+        if full == dotted {
+            return Some(i + 1);
         }
     }
     None
+}
+
+/// `services."irc" . user` → `services.irc.user` (simple keys only; enough to find a line).
+fn unquote_dotted(key: &str) -> String {
+    key.split('.').map(|p| p.trim().trim_matches('"')).collect::<Vec<_>>().join(".")
 }
 
 #[cfg(test)]

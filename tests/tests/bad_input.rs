@@ -181,3 +181,101 @@ fn full_output_filesystem_is_a_clear_error_and_leaves_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs the builder as nobody (as `cargo xtask test` builds the test image) on `config`, with the
+/// warm package cache, so that it gets as far as resolving the services against the real image
+/// tree. Returns the exit status's success and everything it printed; checks that nothing is
+/// left in its output directory.
+fn build_with_services(e2e: &E2e, name: &str, config: &str) -> Result<(bool, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = e2e.scratch(name)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let bins = dir.join("bin");
+    std::fs::create_dir_all(&bins)?;
+    std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
+    std::fs::copy(&e2e.init, bins.join("cloister-init"))?;
+    let conf = dir.join("c.toml");
+    std::fs::write(&conf, config)?;
+    let pass = dir.join("pass");
+    std::fs::write(&pass, "secret\n")?;
+    for f in [&conf, &pass] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir)?;
+    std::os::unix::fs::chown(&out_dir, Some(65534), Some(65534))?;
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--"])
+        .arg(bins.join("cloister-build"))
+        .arg("--init-bin")
+        .arg(bins.join("cloister-init"))
+        .arg("--cache-dir")
+        .arg(&e2e.cache)
+        .arg("--config")
+        .arg(&conf)
+        .arg("--output")
+        .arg(out_dir.join("disk.img"))
+        .arg("--passphrase-file")
+        .arg(&pass)
+        .env("HOME", &out_dir)
+        .output()?;
+    assert_no_output(&out_dir, &[])?;
+    Ok((out.status.success(), format!("{}{}", stdout(&out), stderr(&out))))
+}
+
+#[test]
+fn service_with_missing_binary_names_service_and_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("svc-missing-binary") else { return Ok(()) };
+    let config = "[services.ghost]\nexec = \"/usr/sbin/no-such-daemon\"\nuser = \"irc\"\n";
+    let (ok, text) = build_with_services(&e2e, "svc-missing-binary", config)?;
+    ensure!(!ok, "built an image whose service has no executable:\n{text}");
+    ensure!(
+        text.contains("services.ghost.exec: /usr/sbin/no-such-daemon does not exist in the image"),
+        "error does not name the service and key:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn service_with_unknown_user_names_service_and_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("svc-unknown-user") else { return Ok(()) };
+    let config = "[services.ghost]\nexec = \"/usr/sbin/ngircd\"\nuser = \"nosuchuser\"\n";
+    let (ok, text) = build_with_services(&e2e, "svc-unknown-user", config)?;
+    ensure!(!ok, "built an image whose service runs as an unknown user:\n{text}");
+    ensure!(
+        text.contains("services.ghost.user: no user \"nosuchuser\" in the image"),
+        "error does not name the service and key:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn service_with_impossible_mount_names_service_and_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("svc-impossible-mount") else { return Ok(()) };
+    // Outside /var/lib/cloister nothing is created for a service: the path must be in the image.
+    let config =
+        "[services.ghost]\nexec = \"/usr/sbin/ngircd\"\nuser = \"irc\"\nwritable = [\"/srv/ghost-data\"]\n";
+    let (ok, text) = build_with_services(&e2e, "svc-impossible-mount", config)?;
+    ensure!(!ok, "built an image whose service mounts a path that does not exist:\n{text}");
+    ensure!(
+        text.contains("services.ghost.writable: /srv/ghost-data does not exist in the image"),
+        "error does not name the service and key:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn service_dependency_cycle_names_file_line_service_and_key() -> Result<()> {
+    let Some(e2e) = E2e::from_env("svc-cycle") else { return Ok(()) };
+    let config = "[services.alpha]\nexec = \"/usr/sbin/ngircd\"\nuser = \"irc\"\nafter = [\"beta\"]\n\n\
+                  [services.beta]\nexec = \"/usr/sbin/ngircd\"\nuser = \"irc\"\nafter = [\"alpha\"]\n";
+    let (ok, text) = build_with_services(&e2e, "svc-cycle", config)?;
+    ensure!(!ok, "built an image with a dependency cycle:\n{text}");
+    ensure!(
+        text.contains("c.toml:4: services.alpha.after: dependency cycle alpha -> beta -> alpha"),
+        "error does not name file:line, the service and key:\n{text}"
+    );
+    // Refused while reading the config, before any package is touched.
+    ensure!(!text.contains("phase packages"), "the cycle was found only after the build started:\n{text}");
+    Ok(())
+}

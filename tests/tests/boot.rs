@@ -1,8 +1,10 @@
 //! End to end under QEMU (TCG): one VM per image variant, many scenarios per boot.
 //!
 //! Boot 1, the test image: the prompt appears; a wrong passphrase is refused and asked again;
-//! the right one unlocks and stage 2 prints the unlock line; the ACPI power button powers off
-//! cleanly; the disk afterwards decrypts offline to a clean XFS.
+//! the right one unlocks and stage 2 prints the unlock line; the services start in their
+//! sandboxes, a crashing one is restarted with backoff and given up on while the others keep
+//! running; the ACPI power button stops the services and powers off cleanly; the disk afterwards
+//! decrypts offline to a clean XFS.
 //! Boot 2, the same image with the root partition's PARTUUID changed: stage 1 reports that no
 //! root was found and lists the disks it saw, without a kernel panic.
 
@@ -11,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use cloister_proto::marker;
+use cloister_proto::{marker, service_event};
 use cloister_qemu::{Accel, Console, Firmware, Network, Vm, VmConfig};
 use cloister_tests::*;
 
@@ -19,6 +21,7 @@ use cloister_tests::*;
 const TO_STAGE1: Duration = Duration::from_secs(180);
 const TO_UNLOCK: Duration = Duration::from_secs(180);
 const TO_POWER_OFF: Duration = Duration::from_secs(120);
+const TO_SERVICES: Duration = Duration::from_secs(120);
 
 fn vm_config(image: &Path, work: &Path) -> Result<VmConfig> {
     Ok(VmConfig {
@@ -63,9 +66,14 @@ fn unlock_with_retry_then_power_button_leaves_clean_xfs() -> Result<()> {
     ensure!(ms.is_some(), "unlock line without a time: {line:?}");
     ensure!(!vm.console_text().contains(&passphrase), "the passphrase was echoed on the console");
 
-    timed("power button powers off cleanly", || {
-        vm.wait_for(marker::POWER_BUTTON_ARMED, TO_UNLOCK)?;
+    // Armed right after the unlock line: wait here, before later waits move the cursor past it.
+    timed("power button armed", || Ok(vm.wait_for(marker::POWER_BUTTON_ARMED, TO_UNLOCK).map(drop)?))?;
+    services_start_and_crash_loops_give_up(&vm)?;
+
+    timed("power button stops services and powers off cleanly", || {
         vm.power_button()?;
+        vm.wait_for(marker::SHUTDOWN, TO_POWER_OFF)?;
+        vm.wait_for(&service_event::line("ngircd", service_event::STOPPED), TO_POWER_OFF)?;
         vm.wait_for(marker::POWER_OFF, TO_POWER_OFF)?;
         let status = vm.wait_exit(TO_POWER_OFF)?;
         ensure!(status.success(), "qemu exited with {status}");
@@ -83,6 +91,50 @@ fn unlock_with_retry_then_power_button_leaves_clean_xfs() -> Result<()> {
         xfs_clean(&root)
     })?;
     std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// The test image runs ngircd (readiness: its port accepts) and `crasher`, which exits at once:
+/// it is restarted with growing delays, then given up on while ngircd keeps running.
+fn services_start_and_crash_loops_give_up(vm: &Vm) -> Result<()> {
+    timed("ngircd ready in its sandbox", || {
+        vm.wait_for(&service_event::line("ngircd", service_event::READY), TO_SERVICES)?;
+        Ok(())
+    })?;
+    timed("crasher restarted with backoff, then given up", || {
+        let failed = service_event::line("crasher", service_event::FAILED);
+        let line = vm.wait_for(&failed, TO_SERVICES)?;
+        ensure!(line.contains("crash loop"), "gave up for another reason: {line:?}");
+        Ok(())
+    })?;
+    let console = vm.console_text();
+    machine_steps_before_services(&console)?;
+    let delays: Vec<u64> = console
+        .lines()
+        .filter_map(|l| service_event::parse(l))
+        .filter(|(name, rest)| *name == "crasher" && rest.starts_with(service_event::EXITED))
+        .filter_map(|(_, rest)| rest.rsplit_once("restart in ")?.1.strip_suffix(" ms")?.parse().ok())
+        .collect();
+    ensure!(delays.len() >= 2, "crasher was not restarted twice before giving up: {delays:?}");
+    ensure!(delays.windows(2).all(|w| w[1] > w[0]), "restart delays do not grow: {delays:?}");
+    let ngircd_exits = console
+        .lines()
+        .filter_map(|l| service_event::parse(l))
+        .filter(|(name, rest)| *name == "ngircd" && rest.starts_with(service_event::EXITED))
+        .count();
+    ensure!(ngircd_exits == 0, "ngircd exited while crasher looped");
+    Ok(())
+}
+
+/// Every machine step of stage 2 succeeded, and the firewall step came before any service.
+fn machine_steps_before_services(console: &str) -> Result<()> {
+    let at = |needle: &str| console.find(needle);
+    for step in ["mount-runtime", "sysctls", "hostname", "utc", "clock", "random-seed", "firewall"] {
+        ensure!(at(&format!("step {step}: ok (")).is_some(), "stage 2 step {step} did not succeed");
+    }
+    let firewall = at("step firewall: ok (").unwrap_or(usize::MAX);
+    let first_start = at(service_event::PREFIX).unwrap_or(0);
+    ensure!(firewall < first_start, "a service started before the firewall step");
     Ok(())
 }
 

@@ -59,6 +59,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Prime the shared cache so that "warm" means warm even on a fresh machine.
     timed_build(&bins, &dir, &warm_cache, &pass, &[])?;
     let warm = timed_build(&bins, &dir, &warm_cache, &pass, &[])?;
+    rows.push(service_start_row(&bins.init, &dir)?);
     build_rows(&mut rows, cold.as_ref(), &warm);
     size_rows(&mut rows, &dir.join("disk.img"))?;
     rows.push(encryption_row(&warm, &dir.join("disk.img"))?);
@@ -180,6 +181,9 @@ struct BootSample {
     guest_ms: u64,
     excluded_ms: u64,
     modules_waited_ms: u64,
+    /// Stage 2 start to the last service's readiness.
+    services_ready_ms: u64,
+    pid1_rss_kib: u64,
 }
 
 fn boot_once(image: &Path, work: &Path) -> Result<BootSample> {
@@ -200,7 +204,32 @@ fn boot_once(image: &Path, work: &Path) -> Result<BootSample> {
     let unlock_ms = step_ms(&console, "unlock").unwrap_or(0);
     let modules_waited_ms = waited_for_modules_ms(&console).unwrap_or(0);
     let excluded_ms = unlock_ms.saturating_sub(modules_waited_ms);
-    Ok(BootSample { prompt_wall, unlock_wall, guest_ms, excluded_ms, modules_waited_ms })
+    let rss_line = vm.wait_for(cloister_proto::marker::PID1_RSS, Duration::from_secs(240))?;
+    let pid1_rss_kib = rss_line
+        .split(cloister_proto::marker::PID1_RSS)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .context("rss line without a number")?;
+    let console = vm.console_text();
+    let services_ready_ms =
+        console.lines().filter_map(stage2_ready_ms).max().context("no service got ready")?;
+    Ok(BootSample {
+        prompt_wall,
+        unlock_wall,
+        guest_ms,
+        excluded_ms,
+        modules_waited_ms,
+        services_ready_ms,
+        pid1_rss_kib,
+    })
+}
+
+/// `cloister: service <name> ready (<n> ms, <m> ms in stage 2)` → m.
+fn stage2_ready_ms(line: &str) -> Option<u64> {
+    let (_, rest) = cloister_proto::service_event::parse(line)?;
+    let inner = rest.strip_prefix(cloister_proto::service_event::READY)?;
+    let stage = inner.split(", ").nth(1)?;
+    stage.split_whitespace().next()?.parse().ok()
 }
 
 fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
@@ -233,6 +262,16 @@ fn boot_rows(rows: &mut Vec<Row>, dir: &Path) -> Result<()> {
         "",
     ));
     rows.push(row("boot: guest ms of trivial init (floor)", format!("{floor_ms} ms"), ""));
+    rows.push(row(
+        "stage 2: guest ms to all services ready (no tor yet)",
+        format!("{} ms", med(|b| b.services_ready_ms)),
+        "",
+    ));
+    rows.push(row(
+        "stage 2: PID 1 RSS once services settled",
+        format!("{} KiB", med(|b| b.pid1_rss_kib)),
+        "",
+    ));
     let adds = median(ours).saturating_sub(floor_ms);
     rows.push(row("boot: our init adds (KDF excluded)", format!("{adds} ms"), "≤ 1000 ms"));
     Ok(())
@@ -331,6 +370,59 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Service start cost on the host: the supervisor (as PID 1 of a pid namespace) restarts a
+/// service that exits at once, with no backoff, until its crash-loop limit; the wall time from
+/// the first start to the give-up over the number of starts is one start (spawn, namespaces,
+/// root view, privileges dropped, exec) plus its exit and reaping.
+fn service_start_row(init: &Path, dir: &Path) -> Result<Row> {
+    const STARTS: u32 = 40;
+    let work = dir.join("start-cost");
+    std::fs::create_dir_all(work.join("run"))?;
+    let plan = serde_json::json!({
+        "hostname": "localhost", "build_time_unix": 0, "admin_uids": [],
+        "services": [{
+            "name": "once", "exec": "/bin/true", "args": [], "uid": 65534, "gid": 65534, "groups": [],
+            "env": [], "workdir": "/",
+            "namespaces": {"mount": true, "pid": true, "ipc": true, "uts": true, "net": "chat"},
+            "mounts": {"writable": [], "tmpfs": [], "read_only": []},
+            "caps_bounding": [], "caps_ambient": [], "no_new_privs": true,
+            "rlimits": {"nproc": null, "nofile": 1024, "address_space": null, "core": 0},
+            "after": [], "ready": "started",
+            "restart": {"initial_delay_ms": 0, "max_delay_ms": 0, "max_exits": STARTS, "window_ms": 600000,
+                        "stable_ms": 600000, "ready_timeout_ms": 10000, "stop_grace_ms": 1000}
+        }]
+    });
+    std::fs::write(work.join("plan.json"), plan.to_string())?;
+    let mut child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount", "--propagation", "private", "--kill-child"])
+        .arg(init)
+        .arg(cloister_proto::SUPERVISE_ARG)
+        .arg(work.join("plan.json"))
+        .arg(work.join("run"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the supervisor under unshare")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut first, mut last) = (None, None);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        if first.is_none() && line.contains("started (pid") {
+            first = Some(Instant::now());
+        }
+        if line.contains("failed:") {
+            last = Some(Instant::now());
+            break;
+        }
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let (Some(first), Some(last)) = (first, last) else {
+        bail!("the supervisor never gave up on the service")
+    };
+    let us = last.duration_since(first).as_micros() / u128::from(STARTS - 1);
+    Ok(row("stage 2: one service start + exit (host, µs)", format!("{us} µs"), ""))
 }
 
 fn print_table(rows: &[Row]) {

@@ -88,6 +88,10 @@ fn run_tests(selection: &[&str], filter: Option<&str>, env: &[(&str, &str)]) -> 
             "slow",
         ]);
         cmd.args(selection);
+        if filter.is_some() {
+            // A filter picks tests from one of the two phases; the other then has none to run.
+            cmd.arg("--no-tests=pass");
+        }
         cmd.args(filter);
     } else {
         eprintln!("xtask: cargo-nextest not found; per-test durations come from the tests' own output");

@@ -11,6 +11,7 @@ mod phases;
 mod progress;
 mod rootfs_phase;
 mod secret;
+mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -197,6 +197,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             &fetched,
             &plan.init_bin,
             &plan.cache_dir.join("data-tars"),
+            &plan.config,
         )
     })?;
     if let Some(list) = &plan.list_files {

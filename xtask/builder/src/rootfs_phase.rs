@@ -1,13 +1,14 @@
 //! Phase `rootfs`: the verified .debs unpacked into a staging tree, plus what maintainer scripts
-//! would have written (accounts, modules.dep), plus our PID 1. The tree is then checked: every
-//! ELF's libraries must resolve inside it, and our init must not need a newer glibc than the
-//! image's.
+//! would have written (accounts, modules.dep), plus our PID 1 and its service plan. The tree is
+//! then checked: every ELF's libraries must resolve inside it, and our init must not need a newer
+//! glibc than the image's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use cloister_config::Config;
 use cloister_rootfs::apt::FetchedDeb;
 use cloister_rootfs::deb;
 use cloister_rootfs::tree::{Kind, Node, Tree};
@@ -31,10 +32,17 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
     ("dev", 0o755),
     ("run", 0o755),
     ("tmp", 0o1777),
-    ("var/lib/cloister", 0o700),
+    // Traversable, not listable: services reach their own 0700 state directories below it.
+    ("var/lib/cloister", 0o711),
 ];
 
-pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path, tar_cache: &Path) -> Result<Rootfs> {
+pub fn build(
+    staging: &Path,
+    debs: &[FetchedDeb],
+    init_bin: &Path,
+    tar_cache: &Path,
+    config: &Config,
+) -> Result<Rootfs> {
     let mut tree = Tree::new(staging)?;
     deb::merged_usr(&mut tree)?;
     let mut bar = Progress::new("unpack", debs.len() as u64, false);
@@ -52,6 +60,7 @@ pub fn build(staging: &Path, debs: &[FetchedDeb], init_bin: &Path, tar_cache: &P
             node.mode = *mode;
         }
     }
+    crate::services::install(config, &mut tree).context("resolving services")?;
     install_init(&mut tree, init_bin)?;
     let kernel_version = modules::find_kernel_version(staging)?;
     modules::run_depmod(staging, &kernel_version)?;
