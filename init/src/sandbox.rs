@@ -166,6 +166,11 @@ fn exec_link(launch: &Launch) -> Result<i32, StepError> {
         nix::sys::prctl::set_no_new_privs().map_err(err("no_new_privs"))?;
     }
     nix::unistd::chdir(&svc.workdir).map_err(err("working directory"))?;
+    // The launch chain blocks signals for its signalfds, and masks survive execve: the service
+    // starts with none blocked and SIGPIPE at its default, like a child of any init.
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(err("unblock signals"))?;
+    crate::sys::default_sigpipe().map_err(err("default SIGPIPE"))?;
     let program = cstring(svc.exec.as_os_str().as_encoded_bytes())?;
     let mut argv = vec![program.clone()];
     for a in &svc.args {

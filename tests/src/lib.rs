@@ -68,6 +68,32 @@ impl E2e {
     }
 }
 
+/// What the supervisor's host-integration tests need: a built `cloister-init` and root, no
+/// disk image. `None` when run outside `cargo xtask test` (plain `cargo test`).
+pub struct Host {
+    pub init: PathBuf,
+}
+
+impl Host {
+    /// Reads `CLOISTER_INIT_BIN`; prints why and returns `None` when it is unset.
+    pub fn from_env(test: &str) -> Option<Self> {
+        let Some(init) = std::env::var_os("CLOISTER_INIT_BIN").map(PathBuf::from) else {
+            // Inside `cargo xtask test` the variable is always set: its absence is a broken harness.
+            assert!(
+                std::env::var_os("CLOISTER_E2E").is_none(),
+                "CLOISTER_E2E is set but CLOISTER_INIT_BIN is not"
+            );
+            eprintln!(
+                "{test}: not run: set CLOISTER_INIT_BIN to a built cloister-init (`cargo xtask test` does)"
+            );
+            return None;
+        };
+        assert!(init.is_file(), "CLOISTER_INIT_BIN {} is not a file", init.display());
+        assert!(nix::unistd::geteuid().is_root(), "{test}: the supervisor's host tests need root");
+        Some(Self { init })
+    }
+}
+
 pub fn manifest_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".manifest.json");
