@@ -416,7 +416,8 @@ fn service_start_row(init: &Path, dir: &Path) -> Result<Row> {
             break;
         }
     }
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    // unshare outlives SIGTERM; SIGKILL takes the supervisor with it (--kill-child).
+    let _ = child.kill();
     let _ = child.wait();
     let (Some(first), Some(last)) = (first, last) else {
         bail!("the supervisor never gave up on the service")
