@@ -2,11 +2,11 @@
 //! with a UKI, the root XFS from a protofile, its in-place LUKS2 encryption, the final assembly
 //! and the build manifest. Invariant: nothing here mounts, opens a loop or device-mapper device,
 //! or needs root.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod assemble;
+pub mod bmap;
 pub mod esp;
-mod ffi;
 pub mod gpt;
 pub mod layout;
 pub mod luks;
@@ -15,6 +15,7 @@ pub mod uki;
 pub mod xfs;
 
 pub use assemble::{assemble, AssembleError, ImageSummary};
+pub use bmap::{read_bmap, write_bmap, Bmap, BmapError, BmapRange};
 pub use esp::{write_esp, EspError};
 pub use gpt::{write_gpt, GptWriteError};
 pub use layout::{Layout, LayoutError, LayoutUuids, PartPlan};

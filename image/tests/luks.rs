@@ -31,7 +31,7 @@ fn encrypts_in_place_and_the_cli_agrees() {
     assert_eq!(info.data_offset_bytes, 16 * MIB);
     assert_eq!(info.pbkdf.kind, "argon2id");
     assert_eq!((info.pbkdf.iterations, info.pbkdf.memory_kib, info.pbkdf.parallel), (4, 32 * 1024, 1));
-    // The temporary header is gone.
+    // Nothing is left next to the image (no temporary header file).
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().contains("luks-header")), "{left:?}");
 
@@ -48,7 +48,7 @@ fn encrypts_in_place_and_the_cli_agrees() {
         assert!(dump.contains(want), "{want:?} missing in:\n{dump}");
     }
     assert!(!dump.contains("online-reencrypt"), "no reencryption requirement left:\n{dump}");
-    // Exactly one keyslot, slot 0: the throwaway slot the reencryption ran on is destroyed.
+    // Exactly one keyslot, slot 0.
     let slots: Vec<&str> = dump.lines().filter(|l| l.trim_end().ends_with(": luks2")).collect();
     assert_eq!(slots, ["  0: luks2"], "keyslots left:\n{dump}");
     assert_eq!(aligned_magic_count(&img, b"XFSB", 512), 0, "plaintext superblock left");

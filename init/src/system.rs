@@ -73,6 +73,8 @@ pub enum SystemError {
     SeedMix { path: PathBuf, source: std::io::Error },
     #[error("getrandom for a new seed: {0}")]
     SeedRandom(getrandom::Error),
+    #[error("read fresh seed from {path}: {source}")]
+    SeedRead { path: PathBuf, source: std::io::Error },
     #[error("write seed {path}: {source}")]
     SeedWrite { path: PathBuf, source: std::io::Error },
 }
@@ -529,7 +531,15 @@ pub fn restore_seed_into(state_dir: &Path, urandom: &Path) -> Result<SeedOutcome
         None => None,
     };
     // Replace before anything else can fail or crash: the old seed must never be read again.
-    let saved = save_seed(state_dir)?;
+    // /dev/urandom never blocks (Linux >= 5.18) and already holds the old seed, so its output is
+    // at least as unpredictable as that seed; getrandom(2) would wait here for the pool to
+    // initialise, 1.5 s under TCG. The shutdown save uses getrandom: by then it is ready.
+    let mut fresh = Zeroizing::new(vec![0u8; SEED_SIZE]);
+    let urandom_in = Path::new(URANDOM);
+    File::open(urandom_in)
+        .and_then(|mut f| f.read_exact(&mut fresh))
+        .map_err(|source| SystemError::SeedRead { path: urandom_in.to_owned(), source })?;
+    let saved = replace_seed(state_dir, &fresh)?;
     Ok(SeedOutcome { mixed, saved })
 }
 
@@ -539,6 +549,11 @@ pub fn restore_seed_into(state_dir: &Path, urandom: &Path) -> Result<SeedOutcome
 pub fn save_seed(state_dir: &Path) -> Result<usize, SystemError> {
     let mut fresh = Zeroizing::new(vec![0u8; SEED_SIZE]);
     getrandom::fill(&mut fresh).map_err(SystemError::SeedRandom)?;
+    replace_seed(state_dir, &fresh)
+}
+
+/// Writes `fresh` as the new seed: temporary file (0600), fsync, rename, fsync the directory.
+fn replace_seed(state_dir: &Path, fresh: &[u8]) -> Result<usize, SystemError> {
     make_dir(state_dir, 0o755)?;
     let seed = seed_path(state_dir);
     let tmp = state_dir.join(format!(".{SEED_FILE}.new"));
@@ -553,7 +568,7 @@ pub fn save_seed(state_dir: &Path) -> Result<usize, SystemError> {
     }
     let mut file =
         OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(write(&tmp))?;
-    file.write_all(&fresh).map_err(write(&tmp))?;
+    file.write_all(fresh).map_err(write(&tmp))?;
     file.sync_all().map_err(write(&tmp))?;
     drop(file);
     std::fs::rename(&tmp, &seed).map_err(write(&seed))?;

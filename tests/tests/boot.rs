@@ -73,7 +73,8 @@ fn unlock_with_retry_then_power_button_leaves_clean_xfs() -> Result<()> {
     timed("power button stops services and powers off cleanly", || {
         vm.power_button()?;
         vm.wait_for(marker::SHUTDOWN, TO_POWER_OFF)?;
-        vm.wait_for(&service_event::line("ngircd", service_event::STOPPED), TO_POWER_OFF)?;
+        let stopped = vm.wait_for(&service_event::line("ngircd", service_event::STOPPED), TO_POWER_OFF)?;
+        ensure!(!stopped.contains("SIGKILL"), "ngircd ignored SIGTERM: {stopped:?}");
         vm.wait_for(marker::POWER_OFF, TO_POWER_OFF)?;
         let status = vm.wait_exit(TO_POWER_OFF)?;
         ensure!(status.success(), "qemu exited with {status}");

@@ -100,8 +100,13 @@ impl Scratch {
     }
 
     fn start(&self, services: Vec<Service>) -> Result<Supervisor> {
-        let plan =
-            Plan { hostname: HOSTNAME.into(), build_time_unix: 1_700_000_000, admin_uids: vec![], services };
+        let plan = Plan {
+            hostname: HOSTNAME.into(),
+            build_time_unix: 1_700_000_000,
+            admin_uids: vec![],
+            services,
+            firewall: Default::default(),
+        };
         Supervisor::start(self, &plan)
     }
 }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 /// the pipeline runs (mkfs.xfs/xfs_db, objcopy, depmod, mtools, systemd-stub).
 pub const BUILD: &[&str] = &[
     "libcryptsetup-dev",
+    "libssl-dev",
     "libclang-dev",
     "pkg-config",
     "xfsprogs",
@@ -24,7 +25,7 @@ pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];
 
 /// Packages the tests use to check images with independent tools.
 pub const TEST: &[&str] =
-    &["cryptsetup-bin", "fdisk", "dosfstools", "cpio", "lz4", "openssl", "busybox-static"];
+    &["cryptsetup-bin", "fdisk", "dosfstools", "cpio", "lz4", "openssl", "busybox-static", "nftables", "bmap-tools"];
 
 /// Test hook: a comma-separated list of packages to treat as missing, so the missing-package
 /// path can be tested without ever removing a package from the host. Never auto-installs.
