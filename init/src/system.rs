@@ -539,7 +539,9 @@ pub fn restore_seed_into(state_dir: &Path, urandom: &Path) -> Result<SeedOutcome
     File::open(urandom_in)
         .and_then(|mut f| f.read_exact(&mut fresh))
         .map_err(|source| SystemError::SeedRead { path: urandom_in.to_owned(), source })?;
-    let saved = replace_seed(state_dir, &fresh)?;
+    // No fsync here: it costs over a second through dm-crypt under TCG, and if the machine dies
+    // before writeback the old seed is only mixed in again, never credited, so nothing is lost.
+    let saved = replace_seed(state_dir, &fresh, Durability::Lazy)?;
     Ok(SeedOutcome { mixed, saved })
 }
 
@@ -549,11 +551,20 @@ pub fn restore_seed_into(state_dir: &Path, urandom: &Path) -> Result<SeedOutcome
 pub fn save_seed(state_dir: &Path) -> Result<usize, SystemError> {
     let mut fresh = Zeroizing::new(vec![0u8; SEED_SIZE]);
     getrandom::fill(&mut fresh).map_err(SystemError::SeedRandom)?;
-    replace_seed(state_dir, &fresh)
+    replace_seed(state_dir, &fresh, Durability::Synced)
 }
 
-/// Writes `fresh` as the new seed: temporary file (0600), fsync, rename, fsync the directory.
-fn replace_seed(state_dir: &Path, fresh: &[u8]) -> Result<usize, SystemError> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// On disk before returning (shutdown).
+    Synced,
+    /// Left to the kernel's writeback (boot).
+    Lazy,
+}
+
+/// Writes `fresh` as the new seed: temporary file (0600), rename over the seed; with
+/// `Synced`, the file and the directory are fsynced too.
+fn replace_seed(state_dir: &Path, fresh: &[u8], durability: Durability) -> Result<usize, SystemError> {
     make_dir(state_dir, 0o755)?;
     let seed = seed_path(state_dir);
     let tmp = state_dir.join(format!(".{SEED_FILE}.new"));
@@ -569,10 +580,14 @@ fn replace_seed(state_dir: &Path, fresh: &[u8]) -> Result<usize, SystemError> {
     let mut file =
         OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(write(&tmp))?;
     file.write_all(fresh).map_err(write(&tmp))?;
-    file.sync_all().map_err(write(&tmp))?;
+    if durability == Durability::Synced {
+        file.sync_all().map_err(write(&tmp))?;
+    }
     drop(file);
     std::fs::rename(&tmp, &seed).map_err(write(&seed))?;
-    File::open(state_dir).and_then(|d| d.sync_all()).map_err(write(state_dir))?;
+    if durability == Durability::Synced {
+        File::open(state_dir).and_then(|d| d.sync_all()).map_err(write(state_dir))?;
+    }
     Ok(fresh.len())
 }
 
