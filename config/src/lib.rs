@@ -30,6 +30,7 @@ pub struct Config {
     pub kdf: KdfConfig,
     pub boot: BootConfig,
     pub system: SystemConfig,
+    pub firewall: FirewallConfig,
     /// Enabled services only, shipped ones first; see [`services::merge`].
     pub services: Services,
 }
@@ -39,6 +40,74 @@ pub struct Config {
 pub struct SystemConfig {
     /// Uids besides root that may use PID 1's control socket.
     pub admin_uids: Vec<u32>,
+}
+
+/// `[firewall]`: the only traffic that may leave is tor's, to these ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirewallConfig {
+    /// The account tor runs as, resolved to a uid against the image's passwd.
+    pub tor_user: String,
+    /// TCP ports tor may connect to.
+    pub relay_ports: Vec<u16>,
+    /// The uplink interface's name, or "auto".
+    pub uplink: String,
+    pub allow_ipv6: bool,
+    pub dhcp: bool,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        let plan = cloister_plan::FirewallPlan::default();
+        Self {
+            tor_user: "debian-tor".into(),
+            relay_ports: plan.relay_ports,
+            uplink: plan.uplink,
+            allow_ipv6: plan.allow_ipv6,
+            dhcp: plan.dhcp,
+        }
+    }
+}
+
+impl FirewallConfig {
+    /// Checks what needs no image; returns the dotted key and the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, why: String| Err((format!("firewall.{key}"), why));
+        if self.tor_user.is_empty() {
+            return bad("tor_user", "must name the account tor runs as".into());
+        }
+        let ports = &self.relay_ports;
+        if ports.is_empty() {
+            return bad("relay_ports", "needs at least one port, or tor can reach no relay".into());
+        }
+        if ports.contains(&0) {
+            return bad("relay_ports", "0 is outside 1..=65535".into());
+        }
+        if ports.contains(&53) {
+            return bad("relay_ports", "53 is DNS, which never leaves the appliance".into());
+        }
+        if let Some((i, p)) = ports.iter().enumerate().find(|(i, p)| ports[..*i].contains(p)) {
+            return bad("relay_ports", format!("{p} is listed twice (entry {})", i + 1));
+        }
+        if self.uplink != cloister_plan::UPLINK_AUTO && !is_interface_name(&self.uplink) {
+            return bad(
+                "uplink",
+                format!(
+                    "{:?} is not \"auto\" or an interface name (1-15 characters, no '/', ':' or space)",
+                    self.uplink
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the kernel accepts as a network interface name (`dev_valid_name`).
+pub fn is_interface_name(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +149,7 @@ impl Default for Config {
             kdf: KdfConfig::default(),
             boot: BootConfig::default(),
             system: SystemConfig::default(),
+            firewall: FirewallConfig::default(),
             services: services::default_services(),
         }
     }
@@ -241,6 +311,7 @@ impl Config {
         if let Some((i, uid)) = uids.iter().enumerate().find(|(i, u)| uids[..*i].contains(u)) {
             return bad("system.admin_uids", format!("{uid} is listed twice (entry {})", i + 1));
         }
+        self.firewall.validate()?;
         services::validate(&self.services)
     }
 }
@@ -402,6 +473,14 @@ mod tests {
             ("[packages]\nextra = [\"Bad Name\"]\n", 2, "packages.extra"),
             ("[boot]\nconsoles = [\"/dev/sda\"]\n", 2, "boot.consoles"),
             ("[boot]\ncmdline_extra = [\"a b\"]\n", 2, "boot.cmdline_extra"),
+            ("[firewall]\nrelay_ports = []\n", 2, "firewall.relay_ports"),
+            ("[firewall]\nrelay_ports = [0]\n", 2, "firewall.relay_ports"),
+            ("[firewall]\nrelay_ports = [443, 53]\n", 2, "firewall.relay_ports"),
+            ("[firewall]\nrelay_ports = [443, 443]\n", 2, "firewall.relay_ports"),
+            ("[firewall]\nrelay_ports = [70000]\n", 2, "firewall.relay_ports"),
+            ("[firewall]\nuplink = \"eth0/1\"\n", 2, "firewall.uplink"),
+            ("[firewall]\nuplink = \"\"\n", 2, "firewall.uplink"),
+            ("[firewall]\n\ntor_user = \"\"\n", 3, "firewall.tor_user"),
         ];
         for (text, line, key) in cases {
             let e = err(text);

@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assemble;
-pub mod bmap;
+pub use cloister_bmap as bmap;
 pub mod esp;
 pub mod gpt;
 pub mod layout;

@@ -63,7 +63,11 @@ fn bmaptool_copies_the_image_with_our_map_and_checks_every_range() {
     assert_eq!(bmap.ranges.last().unwrap().last, bmap.blocks_count - 1);
     assert!(bmap.mapped_bytes() < 4 * MIB, "mapped {} bytes", bmap.mapped_bytes());
     assert_eq!(read_bmap(&map_path).unwrap(), bmap);
-    assert!(!dir.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("tmp")));
+    assert!(!dir.path().read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("tmp")));
 
     // Junk in the target proves bmaptool wrote (or zeroed) everything that matters.
     let target = dir.path().join("target.img");

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
@@ -63,10 +64,79 @@ pub struct ListLoad {
     pub messages: Vec<String>,
 }
 
+/// Prefix of the line that starts a group in a modules list:
+/// `# group <name> [<pci match>...]`, each match `v<vendor>` or `c<class prefix>` (hex).
+pub const GROUP_MARK: &str = "# group ";
+
+/// One group of a modules list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Group {
+    pub name: String,
+    /// PCI matches; empty: the group is always needed.
+    pub pci: Vec<String>,
+    pub modules: Vec<String>,
+}
+
+impl Group {
+    /// Whether any of `devices` (vendor, class as sysfs writes them: `0x1af4`, `0x010601`)
+    /// is served by this group.
+    pub fn serves(&self, devices: &[(String, String)]) -> bool {
+        self.pci.is_empty()
+            || devices.iter().any(|(vendor, class)| {
+                let (vendor, class) = (vendor.trim_start_matches("0x"), class.trim_start_matches("0x"));
+                self.pci.iter().any(|m| match m.split_at(1) {
+                    ("v", v) => vendor.eq_ignore_ascii_case(v),
+                    ("c", c) => class.to_ascii_lowercase().starts_with(c),
+                    _ => false,
+                })
+            })
+    }
+}
+
+/// A list split at its `# group` lines; modules before the first mark form a group named "".
+/// Empty groups are dropped.
+pub fn parse_groups(text: &str) -> Vec<Group> {
+    let mut groups = vec![Group::default()];
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix(GROUP_MARK) {
+            let mut words = rest.split_whitespace().map(String::from);
+            let name = words.next().unwrap_or_default();
+            groups.push(Group { name, pci: words.collect(), modules: Vec::new() });
+        } else if !line.is_empty() && !line.starts_with('#') {
+            if let Some(last) = groups.last_mut() {
+                last.modules.push(line.to_string());
+            }
+        }
+    }
+    groups.retain(|g| !g.modules.is_empty());
+    groups
+}
+
+/// Vendor and class of every PCI device, from sysfs; `None` when there is no PCI bus to read
+/// (then every group counts as needed).
+pub fn pci_devices(bus: &Path) -> Option<Vec<(String, String)>> {
+    let entries = std::fs::read_dir(bus).ok()?;
+    let read = |p: PathBuf| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    Some(
+        entries
+            .flatten()
+            .filter_map(|e| Some((read(e.path().join("vendor"))?, read(e.path().join("class"))?)))
+            .collect(),
+    )
+}
+
 /// Loads every module of the list in order; a module that fails is noted and skipped.
 pub fn load_list(dir: &Path, list: &str) -> ListLoad {
+    load_paths(dir, &parse_list(list), None)
+}
+
+/// Loads `rels` in order, noting failures and slow loads; stops early once `stop` is set.
+pub fn load_paths(dir: &Path, rels: &[&str], stop: Option<&AtomicBool>) -> ListLoad {
     let mut out = ListLoad::default();
-    for rel in parse_list(list) {
+    for &rel in rels {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            break;
+        }
         let started = std::time::Instant::now();
         match load(&dir.join(rel)) {
             Ok(_) => out.loaded += 1,
@@ -134,6 +204,49 @@ mod tests {
     fn list_skips_blanks_and_comments() {
         let text = "# made by the build\nkernel/drivers/md/dm-mod.ko\n\n  kernel/fs/xfs/xfs.ko  \n";
         assert_eq!(parse_list(text), vec!["kernel/drivers/md/dm-mod.ko", "kernel/fs/xfs/xfs.ko"]);
+    }
+
+    #[test]
+    fn groups_split_at_marks_and_drop_empty_ones() {
+        let text =
+            "# made by the build\n# group virtio v1af4\na.ko\nb.ko\n# group empty\n# group usb c0c03\nc.ko\n";
+        let groups = parse_groups(text);
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["virtio", "usb"]);
+        assert_eq!(groups[0].modules, ["a.ko", "b.ko"]);
+        assert_eq!(groups[1].pci, ["c0c03"]);
+        assert_eq!(parse_groups("x.ko\n")[0].modules, ["x.ko"]);
+        // Lists without marks still read as one list.
+        assert_eq!(parse_list(text), ["a.ko", "b.ko", "c.ko"]);
+    }
+
+    #[test]
+    fn groups_serve_matching_pci_devices_only() {
+        let group =
+            |pci: &[&str]| Group { pci: pci.iter().map(|s| s.to_string()).collect(), ..Group::default() };
+        let q35 = vec![("0x8086".to_string(), "0x010601".to_string()), ("0x1af4".into(), "0x010000".into())];
+        assert!(group(&["v1af4"]).serves(&q35));
+        assert!(group(&["c01"]).serves(&q35));
+        assert!(!group(&["c0c03"]).serves(&q35), "no USB controller on this machine");
+        assert!(group(&[]).serves(&[]), "a group without matches is always needed");
+    }
+
+    #[test]
+    fn pci_devices_are_read_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("0000:00:1f.2");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("vendor"), "0x8086\n").unwrap();
+        std::fs::write(dev.join("class"), "0x010601\n").unwrap();
+        assert_eq!(pci_devices(dir.path()), Some(vec![("0x8086".into(), "0x010601".into())]));
+        assert_eq!(pci_devices(&dir.path().join("absent")), None);
+    }
+
+    #[test]
+    fn a_set_stop_flag_loads_nothing() {
+        let stop = AtomicBool::new(true);
+        let load = load_paths(Path::new("/nonexistent"), &["x.ko"], Some(&stop));
+        assert_eq!((load.loaded, load.messages.len()), (0, 0));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod clock;
 mod cmdline;
 mod console;
 mod control;
+mod firewall;
 mod gpt;
 mod guard;
 mod input;
@@ -47,6 +48,11 @@ fn main() {
         args.get(1).map(String::as_str)
     {
         sandbox::run_link(link, args.get(2).map(String::as_str));
+    }
+    // Host tests apply the ruleset inside a namespace they made; the firewall's own guard
+    // refuses the host's namespace.
+    if let Some(mode @ (firewall::APPLY_ARG | firewall::VERIFY_ARG)) = args.get(1).map(String::as_str) {
+        firewall::run_mode(mode, args.get(2));
     }
     // Every stage mounts over /dev, /proc… and ends in a power off: never as an ordinary process
     // on a developer's host. (/proc is not mounted yet, so the appliance flag is checked later,

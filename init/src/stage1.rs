@@ -74,9 +74,13 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     // thread, beside the disk drivers and then while the prompt waits for a person to type
     // (xfs.ko alone takes over a second under emulation).
     let mut unlock_modules = Background::start(MODULES_UNLOCK_LIST);
-    step(c, "modules", || load_modules(c, MODULES_DISK_LIST))?;
-    let dev = step(c, "find-root", || find_root(c, &cmdline))?;
+    let (found, mut leftover) = step(c, "modules", || load_disk_groups(c, &cmdline))?;
+    let dev = match found {
+        Some(dev) => dev,
+        None => step(c, "find-root", || find_root(c, &cmdline))?,
+    };
     step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
+    leftover.finish(c);
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
     // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
@@ -87,12 +91,81 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
 }
 
-fn load_modules(c: &Consoles, list: &str) -> Result<usize, kmod::KmodError> {
-    let load = kmod::load_list_file(list)?;
-    for m in &load.messages {
-        c.line(m);
+/// After each group of disk drivers has loaded, its disks get this long to show up.
+const GROUP_SETTLE: Duration = Duration::from_millis(400);
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Loads the disk driver groups in the build's order (virtio, then native controllers, then
+/// USB), skipping groups for hardware the PCI bus does not have, until the root partition
+/// appears; the needed groups after that load on a thread beside the prompt (a USB keyboard
+/// still needs them) instead of holding up the boot. Without a root by the last group, the
+/// skipped groups load too (a device the PCI classes did not predict) and `find-root` waits.
+fn load_disk_groups(c: &Consoles, cmdline: &Cmdline) -> Result<(Option<PathBuf>, Leftover), kmod::KmodError> {
+    let dir = kmod::modules_dir()?;
+    let text = std::fs::read_to_string(MODULES_DISK_LIST)
+        .map_err(|source| kmod::KmodError::Read { path: MODULES_DISK_LIST.into(), source })?;
+    let groups = kmod::parse_groups(&text);
+    let devices = kmod::pci_devices(std::path::Path::new("/sys/bus/pci/devices"));
+    let needed = |g: &kmod::Group| devices.as_ref().is_none_or(|d| g.serves(d));
+    let (wanted, skipped): (Vec<&kmod::Group>, Vec<&kmod::Group>) = groups.iter().partition(|g| needed(g));
+    let names = |gs: &[&kmod::Group]| gs.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ");
+    c.line(&format!(
+        "cloister: disk drivers: {} (skipped, no such device: {})",
+        names(&wanted),
+        names(&skipped)
+    ));
+    // A bad root= is reported by find-root; here it only means "load every group".
+    let partuuid = cmdline.root().ok().map(|spec| spec.partuuid);
+    for (i, group) in wanted.iter().enumerate() {
+        load_group(c, &dir, group);
+        let Some(uuid) = &partuuid else { continue };
+        if let Ok(dev) = root::wait_for(&root::Paths::default(), uuid, GROUP_SETTLE, GROUP_POLL) {
+            c.line(&format!("cloister: root is {} (after the {} drivers)", dev.display(), group.name));
+            let rest: Vec<String> = wanted[i + 1..].iter().flat_map(|g| g.modules.clone()).collect();
+            return Ok((Some(dev), Leftover::start(dir, rest)));
+        }
     }
-    Ok(load.loaded)
+    for group in skipped {
+        load_group(c, &dir, group);
+    }
+    Ok((None, Leftover::default()))
+}
+
+fn load_group(c: &Consoles, dir: &std::path::Path, group: &kmod::Group) {
+    let rels: Vec<&str> = group.modules.iter().map(String::as_str).collect();
+    for m in kmod::load_paths(dir, &rels, None).messages {
+        c.line(&m);
+    }
+}
+
+/// Disk and keyboard drivers still loading once the root was found.
+#[derive(Default)]
+struct Leftover {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<kmod::ListLoad>>,
+}
+
+impl Leftover {
+    fn start(dir: PathBuf, rels: Vec<String>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
+            kmod::load_paths(&dir, &rels, Some(&flag))
+        });
+        Self { stop, handle: Some(handle) }
+    }
+
+    /// Stops after the module loading now (the root is open: nothing more is needed) and
+    /// prints what the thread said.
+    fn finish(&mut self, c: &Consoles) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(load) = self.handle.take().and_then(|h| h.join().ok()) {
+            for m in &load.messages {
+                c.line(m);
+            }
+        }
+    }
 }
 
 /// A modules list loading on its own thread; [`Background::finish`] waits for it once.

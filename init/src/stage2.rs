@@ -16,6 +16,7 @@ use cloister_proto::marker;
 
 use crate::cmdline::Cmdline;
 use crate::console::Consoles;
+use crate::firewall::firewall_step;
 use crate::power::Ending;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::system::{self, StepRecord, Steps};
@@ -77,19 +78,14 @@ fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>) {
     };
     let machine =
         system::machine_steps(&mut steps, &plan.hostname, plan.build_time_unix, Path::new(STATE_DIR));
-    let firewall =
-        machine.map_err(|e| e.to_string()).and_then(|()| steps.run("firewall", firewall_placeholder));
+    let firewall = machine
+        .map_err(|e| e.to_string())
+        .and_then(|()| steps.run("firewall", || firewall_step(&plan.firewall)));
     if let Err(e) = firewall {
         say(&format!("{}: {e}", marker::SERVICES_HELD));
         plan.services.clear();
     }
     (plan, steps.records().to_vec())
-}
-
-/// The firewall issue fills this step. Until then nothing brings up any interface but
-/// loopback, so nothing can leave the machine.
-fn firewall_placeholder() -> Result<(), String> {
-    Ok(())
 }
 
 /// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of
@@ -124,7 +120,13 @@ pub fn supervise_only(plan: Option<&String>, run_dir: Option<&String>) -> ! {
 }
 
 fn empty_plan() -> Plan {
-    Plan { hostname: "localhost".into(), build_time_unix: 0, admin_uids: Vec::new(), services: Vec::new() }
+    Plan {
+        hostname: "localhost".into(),
+        build_time_unix: 0,
+        admin_uids: Vec::new(),
+        services: Vec::new(),
+        firewall: Default::default(),
+    }
 }
 
 fn signal_fd() -> Result<SignalFd, SignalError> {

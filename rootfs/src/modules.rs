@@ -10,25 +10,42 @@ use std::process::Command;
 use crate::tree::{Node, Tree, TreeError};
 
 /// What the initramfs loads so PID 1 can see the root disk on virtio, SATA/AHCI, NVMe or USB
-/// storage and read a passphrase from a USB keyboard. Order matters to the kernel only through
-/// dependencies, which [`ModuleIndex::closure`] adds; `virtio_pci` comes first anyway because no
-/// virtio disk appears before it is bound.
-pub const DISK_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_scsi",
-    "sd_mod",
-    "ahci",
-    "nvme",
-    "xhci_pci",
-    "ehci_pci",
-    "ohci_pci",
-    "uhci_hcd",
-    "usb_storage",
-    "uas",
-    "usbhid",
-    "hid_generic",
+/// storage and read a passphrase from a USB keyboard, in groups that stage 1 loads in this
+/// order until the root partition shows up (the rest then load beside the prompt): virtio
+/// first (VMs; `virtio_pci` binds before any virtio disk appears), then native controllers,
+/// then USB, whose enumeration is the slowest. Order within a group matters to the kernel only
+/// through dependencies, which [`ModuleIndex::closure`] adds.
+///
+/// Each group names the PCI devices it serves (`v<vendor>` or `c<class prefix>`, hex, as in
+/// sysfs): stage 1 skips a group when no such device exists, e.g. the whole USB stack on a VM
+/// without a USB controller. A group with no match is always loaded.
+pub const DISK_MODULE_GROUPS: &[DiskGroup] = &[
+    DiskGroup { name: "virtio", pci: &["v1af4"], modules: &["virtio_pci", "virtio_blk"] },
+    DiskGroup { name: "native", pci: &["c01", "v1af4"], modules: &["virtio_scsi", "sd_mod", "ahci", "nvme"] },
+    DiskGroup {
+        name: "usb",
+        pci: &["c0c03"],
+        modules: &[
+            "xhci_pci",
+            "ehci_pci",
+            "ohci_pci",
+            "uhci_hcd",
+            "usb_storage",
+            "uas",
+            "usbhid",
+            "hid_generic",
+        ],
+    },
 ];
+
+/// One group of [`DISK_MODULE_GROUPS`].
+#[derive(Debug, Clone, Copy)]
+pub struct DiskGroup {
+    pub name: &'static str,
+    /// PCI matches: `v<vendor id>` or `c<class code prefix>`, lowercase hex without `0x`.
+    pub pci: &'static [&'static str],
+    pub modules: &'static [&'static str],
+}
 
 /// What the initramfs loads to unlock the root with dm-crypt (aes-xts-plain64) and mount its
 /// XFS; not needed to find the disk, so stage 1 loads them while the passphrase prompt waits.

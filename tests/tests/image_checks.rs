@@ -150,7 +150,8 @@ fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
     {
         ensure!(text.lines().any(|l| l.ends_with(m)), "module lists lack {m}:\n{disk}\n--\n{unlock}");
     }
-    for line in disk.lines().chain(unlock.lines()) {
+    ensure!(disk.contains("# group virtio v1af4\n"), "the disk list has no virtio group:\n{disk}");
+    for line in disk.lines().chain(unlock.lines()).filter(|l| !l.starts_with('#')) {
         ensure!(
             root.join("lib/modules").read_dir()?.flatten().any(|k| k.path().join(line).is_file()),
             "{line} listed, not in the initramfs"

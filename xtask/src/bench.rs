@@ -62,6 +62,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     rows.push(service_start_row(&bins.init, &dir)?);
     build_rows(&mut rows, cold.as_ref(), &warm);
     size_rows(&mut rows, &dir.join("disk.img"))?;
+    flash_rows(&mut rows, &dir.join("disk.img"))?;
     rows.push(encryption_row(&warm, &dir.join("disk.img"))?);
 
     if !args.no_boot {
@@ -432,5 +433,76 @@ fn print_table(rows: &[Row]) {
     println!("\n{:w0$}  {:w1$}  target", "measure", "value");
     for r in rows {
         println!("{:w0$}  {:w1$}  {}", r.what, r.value, r.target);
+    }
+}
+
+/// Flash throughput on a loop device over a file in /dev/shm: `cargo xtask flash` (write,
+/// zero, flush, read-back check) against `dd bs=4M oflag=direct conv=fsync` of the same image
+/// to the same device in the same run, best of two each; and the bytes flash sends against
+/// the image's size. Needs `<image>.bmap` and root.
+fn flash_rows(rows: &mut Vec<Row>, image: &Path) -> Result<()> {
+    let size = std::fs::metadata(image).with_context(|| format!("cannot stat {}", image.display()))?.len();
+    let backing = ShmFile(PathBuf::from(format!("/dev/shm/cloister-flash-bench-{}", std::process::id())));
+    std::fs::File::create(&backing.0)?.set_len(size)?;
+    let out = Command::new("losetup").args(["--find", "--show"]).arg(&backing.0).output()?;
+    if !out.status.success() {
+        bail!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dev = LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let args = crate::flash::FlashArgs {
+        device: dev.0.clone(),
+        image: Some(image.into()),
+        yes: true,
+        dry_run: false,
+        allow_fixed: true,
+    };
+    let (mut ours, mut dd, mut report) = (f64::MAX, f64::MAX, None);
+    for _ in 0..2 {
+        let t = Instant::now();
+        run(Command::new("dd")
+            .arg(format!("if={}", image.display()))
+            .arg(format!("of={}", dev.0.display()))
+            .args(["bs=4M", "oflag=direct", "conv=fsync", "status=none"]))?;
+        dd = dd.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        report = crate::flash::flash_image(&args)?;
+        ours = ours.min(t.elapsed().as_secs_f64());
+    }
+    let r = report.context("flash did not write")?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    rows.push(row(
+        "flash: ours (write+verify) / dd bs=4M oflag=direct (ratio)",
+        format!("{ours:.2} s / {dd:.2} s ({:.2})", dd / ours),
+        "≥ 0.9",
+    ));
+    rows.push(row("flash: write phase alone / dd (ratio)", format!("{:.2}", dd / r.write_secs), ""));
+    rows.push(row(
+        "flash: data written / image (zeroed by device, zeros written)",
+        format!(
+            "{:.0} / {:.0} MiB ({:.0} MiB, {:.0} MiB)",
+            mib(r.data_bytes),
+            mib(size),
+            mib(r.zeroed_by_device),
+            mib(r.zeros_written)
+        ),
+        "",
+    ));
+    Ok(())
+}
+
+struct ShmFile(PathBuf);
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Declared after the file it is over, so it is detached first.
+struct LoopDev(PathBuf);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }

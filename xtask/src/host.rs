@@ -24,8 +24,17 @@ pub const BUILD: &[&str] = &[
 pub const RUN: &[&str] = &["qemu-system-x86", "ovmf"];
 
 /// Packages the tests use to check images with independent tools.
-pub const TEST: &[&str] =
-    &["cryptsetup-bin", "fdisk", "dosfstools", "cpio", "lz4", "openssl", "busybox-static", "nftables", "bmap-tools"];
+pub const TEST: &[&str] = &[
+    "cryptsetup-bin",
+    "fdisk",
+    "dosfstools",
+    "cpio",
+    "lz4",
+    "openssl",
+    "busybox-static",
+    "nftables",
+    "bmap-tools",
+];
 
 /// Test hook: a comma-separated list of packages to treat as missing, so the missing-package
 /// path can be tested without ever removing a package from the host. Never auto-installs.

@@ -8,6 +8,7 @@
 
 mod bench;
 mod build;
+mod flash;
 mod host;
 mod run;
 mod test;
@@ -40,6 +41,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Measure build and boot times and sizes; prints a table.
     Bench(bench::BenchArgs),
+    /// Write an image to a USB stick: checks the target, asks to confirm, verifies the copy.
+    Flash(flash::FlashArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(&args),
         Cmd::Test(args) => test::test(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Flash(args) => flash::flash(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

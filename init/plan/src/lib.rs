@@ -32,6 +32,43 @@ pub struct Plan {
     pub admin_uids: Vec<u32>,
     /// In start order: every service comes after all services it names in `after`.
     pub services: Vec<Service>,
+    /// What the firewall lets through; plans written before it existed get the default.
+    #[serde(default)]
+    pub firewall: FirewallPlan,
+}
+
+/// The firewall's inputs, resolved at build time: the one uid that may leave the machine and
+/// where to. Everything else is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirewallPlan {
+    /// The tor user's uid; `None`: no process may open a connection to the outside.
+    pub tor_uid: Option<u32>,
+    /// TCP ports tor may connect to (its `ReachableAddresses`).
+    pub relay_ports: Vec<u16>,
+    /// The uplink interface's name, or [`UPLINK_AUTO`]: any interface but loopback.
+    pub uplink: String,
+    /// IPv6 on the uplink: dropped unless set.
+    pub allow_ipv6: bool,
+    /// Accept the DHCPv4 client's traffic (udp 68 -> 67 out, 67 -> 68 in) on the uplink.
+    pub dhcp: bool,
+}
+
+/// [`FirewallPlan::uplink`] when the uplink is whichever interface the network finds.
+pub const UPLINK_AUTO: &str = "auto";
+/// Tor's usual relay ports: OR and directory ports on the common and the classic numbers.
+pub const DEFAULT_RELAY_PORTS: [u16; 4] = [80, 443, 9001, 9030];
+
+impl Default for FirewallPlan {
+    fn default() -> Self {
+        Self {
+            tor_uid: None,
+            relay_ports: DEFAULT_RELAY_PORTS.to_vec(),
+            uplink: UPLINK_AUTO.into(),
+            allow_ipv6: false,
+            dhcp: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +274,16 @@ mod tests {
     fn service_round_trips_through_json() {
         let s = sample();
         assert_eq!(Service::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn plans_without_a_firewall_section_get_the_default() {
+        let old = r#"{"hostname":"localhost","build_time_unix":1,"admin_uids":[],"services":[]}"#;
+        let plan: Plan = serde_json::from_str(old).unwrap();
+        assert_eq!(plan.firewall, FirewallPlan::default());
+        assert_eq!(plan.firewall.tor_uid, None);
+        let back: Plan = serde_json::from_str(&plan.to_json()).unwrap();
+        assert_eq!(back, plan);
     }
 
     #[test]

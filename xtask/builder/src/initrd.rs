@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use cloister_rootfs::initramfs::InitramfsBuilder;
-use cloister_rootfs::modules::{self, ModuleIndex};
+use cloister_rootfs::modules::{self, ModuleIndex, ModulePath};
 use cloister_rootfs::{deb, elf};
 
 use cloister_proto::{MODULES_DISK_LIST, MODULES_UNLOCK_LIST};
@@ -37,18 +37,28 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
     let index = ModuleIndex::load(root, kver)?;
     // Each list is a whole closure: stage 1 loads them on two threads at once, and a module in
     // both is loaded by whichever comes first (the other waits for it and gets EEXIST).
-    let disk = index.closure(modules::DISK_MODULES)?;
-    let unlock = index.closure(modules::UNLOCK_MODULES)?;
-    let modules_dir = modules::modules_dir_rel(root, kver);
-    for (list_path, list) in [(MODULES_DISK_LIST, &disk), (MODULES_UNLOCK_LIST, &unlock)] {
-        let mut text = String::new();
-        for m in list {
-            ar.copy_from_root(root, modules_dir.join(&m.rel))?;
-            text.push_str(&m.rel.to_string_lossy());
-            text.push('\n');
+    // The disk list is grouped (`# group <name>` lines, see `kmod::parse_groups` in init): each
+    // group's closure without what an earlier group already loads.
+    let mut disk: Vec<ModulePath> = Vec::new();
+    let mut disk_text = String::new();
+    for group in modules::DISK_MODULE_GROUPS {
+        disk_text.push_str(&format!("# group {} {}\n", group.name, group.pci.join(" ")));
+        for m in index.closure(group.modules)? {
+            if !disk.contains(&m) {
+                disk_text.push_str(&m.rel.to_string_lossy());
+                disk_text.push('\n');
+                disk.push(m);
+            }
         }
-        ar.file_bytes(list_path.trim_start_matches('/'), text, 0o644)?;
     }
+    let unlock = index.closure(modules::UNLOCK_MODULES)?;
+    let unlock_text: String = unlock.iter().map(|m| format!("{}\n", m.rel.to_string_lossy())).collect();
+    let modules_dir = modules::modules_dir_rel(root, kver);
+    for m in disk.iter().chain(&unlock) {
+        ar.copy_from_root(root, modules_dir.join(&m.rel))?;
+    }
+    ar.file_bytes(MODULES_DISK_LIST.trim_start_matches('/'), disk_text, 0o644)?;
+    ar.file_bytes(MODULES_UNLOCK_LIST.trim_start_matches('/'), unlock_text, 0o644)?;
     // systemd's convention for "this is an initramfs"; stage 1 also checks it.
     ar.file_bytes("etc/initrd-release", "NAME=Cloister\nID=cloister\n", 0o644)?;
     let bytes = ar.write(out)?;

@@ -261,6 +261,11 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             Some(&mut |done: u64, _total: u64| bar.set(done, "")),
         )?;
         bar.finish();
+        // The block map beside the image: `cargo xtask flash` and `bmaptool copy` write only
+        // its data ranges and check each one's SHA256.
+        let mut bmap = plan.output.as_os_str().to_owned();
+        bmap.push(".bmap");
+        cloister_image::write_bmap(&summary.path, Path::new(&bmap))?;
         Ok(summary)
     })?;
     let uki_bytes = std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0);

@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cloister_config::{Config, ServiceConfig};
-use cloister_plan::{Mounts, Plan, Service, PLAN_PATH, STATE_DIR};
+use cloister_plan::{FirewallPlan, Mounts, Plan, Service, PLAN_PATH, STATE_DIR};
 use cloister_rootfs::tree::{Kind, Node, Tree};
 use cloister_rootfs::users::{parse_group, parse_passwd, GroupEntry, PasswdEntry};
 
@@ -54,6 +54,22 @@ pub fn resolve(config: &Config, tree: &mut Tree, build_time_unix: u64) -> Result
         build_time_unix,
         admin_uids: config.system.admin_uids.clone(),
         services,
+        firewall: firewall_plan(config, &accounts)?,
+    })
+}
+
+/// `[firewall]` with the tor user resolved to its uid in the image.
+fn firewall_plan(config: &Config, acc: &Accounts) -> Result<FirewallPlan> {
+    let fw = &config.firewall;
+    let tor = acc
+        .user(&fw.tor_user)
+        .with_context(|| format!("firewall.tor_user: no user {:?} in the image", fw.tor_user))?;
+    Ok(FirewallPlan {
+        tor_uid: Some(tor.uid),
+        relay_ports: fw.relay_ports.clone(),
+        uplink: fw.uplink.clone(),
+        allow_ipv6: fw.allow_ipv6,
+        dhcp: fw.dhcp,
     })
 }
 
@@ -452,6 +468,16 @@ restart = {{ max_exits = 2 }}
         assert!(e.contains("not executable by irc (mode 0750 0:0)"), "{e}");
         let e = fails("[services.web]\nexec = \"/usr/bin/loop\"\nuser = \"irc\"\n");
         assert!(e.starts_with("services.web.exec: ") && e.contains("too many levels of symlinks"), "{e}");
+    }
+
+    #[test]
+    fn firewall_tor_user_is_resolved_or_named_as_the_error() {
+        let (_d, mut t) = image();
+        let plan = resolve(&Config::default(), &mut t, 1).unwrap();
+        assert_eq!(plan.firewall.tor_uid, Some(101));
+        assert_eq!(plan.firewall.relay_ports, [80, 443, 9001, 9030]);
+        let e = fails("[firewall]\ntor_user = \"nosuchtor\"\n");
+        assert_eq!(e, "firewall.tor_user: no user \"nosuchtor\" in the image");
     }
 
     #[test]

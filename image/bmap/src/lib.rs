@@ -3,9 +3,10 @@
 //! our images too). Data ranges come from the file system's own extent map (`SEEK_DATA` /
 //! `SEEK_HOLE`), not from scanning for zeros: a hole is what the assembly never wrote.
 //!
-//! `cargo xtask flash` reads the map with [`read_bmap`]. xtask links no native library, so it
-//! compiles this file into itself (`#[path]`) instead of depending on this crate: keep this
-//! module free of anything but std, rustix, sha2 and thiserror.
+//! `cargo xtask flash` reads the map with [`read_bmap`]. This is a crate of its own, with no
+//! native library, because xtask must build on a bare machine: it depends on this crate, never
+//! on cloister-image (which links libcryptsetup and OpenSSL).
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -91,7 +92,11 @@ impl Bmap {
 
     fn xml_with_sum(&self, sum: &str) -> String {
         let mut s = String::new();
-        let pct = if self.blocks_count == 0 { 0.0 } else { 100.0 * self.mapped_blocks as f64 / self.blocks_count as f64 };
+        let pct = if self.blocks_count == 0 {
+            0.0
+        } else {
+            100.0 * self.mapped_blocks as f64 / self.blocks_count as f64
+        };
         let _ = write!(
             s,
             "<?xml version=\"1.0\" ?>\n\
@@ -233,7 +238,9 @@ fn parse(text: &str) -> Result<Bmap, String> {
     }
     check_file_sum(text, element(&body, "BmapFileChecksum").ok_or("no <BmapFileChecksum>")?)?;
     if block_size == 0 || block_size % 512 != 0 || blocks_count != image_size.div_ceil(block_size) {
-        return Err(format!("block size {block_size} and count {blocks_count} do not fit {image_size} bytes"));
+        return Err(format!(
+            "block size {block_size} and count {blocks_count} do not fit {image_size} bytes"
+        ));
     }
     let ranges = parse_ranges(&body)?;
     let mut next = 0;

@@ -1,0 +1,190 @@
+//! The firewall step of stage 2: nf_tables programmed over nfnetlink with no `nft` binary. It
+//! owns the ruleset generated from the plan ([`model`]), the kernel's expressions ([`expr`]),
+//! the wire ([`nfnl`]), applying and reading back ([`kernel`]) and the comparison ([`verify`]).
+//! Fail closed: any error or difference is an error, and stage 2 then starts no service.
+
+mod expr;
+mod kernel;
+mod model;
+mod nfnl;
+mod verify;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cloister_plan::{FirewallPlan, Plan};
+
+use crate::cmdline::Cmdline;
+
+/// Hidden argv modes for host tests, run inside a test's network namespace: apply the plan's
+/// ruleset and verify it, or only verify what is live against it.
+pub const APPLY_ARG: &str = "--firewall-apply";
+pub const VERIFY_ARG: &str = "--firewall-verify";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("refusing to program the host's firewall: this is the host's network namespace and the kernel command line lacks {}", cloister_proto::CMDLINE_APPLIANCE)]
+    HostNamespace,
+    #[error("cannot compare network namespaces: {path}: {source}")]
+    Namespace { path: &'static str, source: std::io::Error },
+    #[error("apply: {0}")]
+    Apply(nfnl::NfnlError),
+    #[error("read back: {0}")]
+    ReadBack(nfnl::NfnlError),
+    #[error("live ruleset differs from the intended one: {}", .0.join("; "))]
+    Mismatch(Vec<String>),
+}
+
+/// How long the two kernel round trips took.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub apply: Duration,
+    pub read_back: Duration,
+}
+
+/// Where `ip netns` pins named namespaces.
+const NAMED_NETNS_DIR: &str = "/run/netns";
+
+/// Where this process's network namespace stands, for the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Netns {
+    /// Not PID 1's: a namespace some test or service made.
+    Other,
+    /// PID 1's: the machine's own.
+    Pid1s,
+    /// PID 1's namespace cannot be read (a container without ptrace rights) and ours is not a
+    /// named one either: assume the machine's own.
+    Unknown,
+    /// PID 1's cannot be read, but ours is pinned under /run/netns by `ip netns`.
+    Named,
+}
+
+/// The pure decision of the host-safety guard: a batch may go to the machine's own namespace
+/// only on an appliance.
+fn may_program(netns: Netns, cmdline: &Cmdline) -> bool {
+    match netns {
+        Netns::Other | Netns::Named => true,
+        Netns::Pid1s | Netns::Unknown => cmdline.is_appliance(),
+    }
+}
+
+fn current_netns() -> Result<Netns, FirewallError> {
+    let id = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let own = id(Path::new("/proc/self/ns/net"))
+        .map_err(|source| FirewallError::Namespace { path: "/proc/self/ns/net", source })?;
+    if let Ok(pid1) = id(Path::new("/proc/1/ns/net")) {
+        return Ok(if pid1 == own { Netns::Pid1s } else { Netns::Other });
+    }
+    let named = std::fs::read_dir(NAMED_NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| id(&entry.path()).is_ok_and(|pinned| pinned == own));
+    Ok(if named { Netns::Named } else { Netns::Unknown })
+}
+
+/// Asked before every batch.
+fn guard() -> Result<(), FirewallError> {
+    if may_program(current_netns()?, &Cmdline::read()) {
+        Ok(())
+    } else {
+        Err(FirewallError::HostNamespace)
+    }
+}
+
+/// Applies the plan's ruleset in one batch, reads it back and compares.
+pub fn apply_and_verify(plan: &FirewallPlan) -> Result<Timing, FirewallError> {
+    let rs = model::ruleset(plan);
+    guard()?;
+    let start = Instant::now();
+    kernel::apply(&rs).map_err(FirewallError::Apply)?;
+    let applied = Instant::now();
+    let live = kernel::read_back(&rs.table).map_err(FirewallError::ReadBack)?;
+    let timing = Timing { apply: applied - start, read_back: applied.elapsed() };
+    check(&rs, &live)?;
+    Ok(timing)
+}
+
+/// Compares what is live with the plan's ruleset, changing nothing.
+pub fn verify_live(plan: &FirewallPlan) -> Result<(), FirewallError> {
+    let rs = model::ruleset(plan);
+    let live = kernel::read_back(&rs.table).map_err(FirewallError::ReadBack)?;
+    check(&rs, &live)
+}
+
+fn check(rs: &model::Ruleset, live: &kernel::Live) -> Result<(), FirewallError> {
+    let diff = verify::differences(rs, live);
+    if diff.is_empty() {
+        Ok(())
+    } else {
+        Err(FirewallError::Mismatch(diff))
+    }
+}
+
+/// Stage 2's firewall step; an error holds every service back.
+pub fn firewall_step(plan: &FirewallPlan) -> Result<(), String> {
+    apply_and_verify(plan).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `--firewall-apply|--firewall-verify <plan.json>` in the current network namespace; prints
+/// the outcome and exits 0 on success, 1 on failure, 2 on bad usage.
+pub fn run_mode(mode: &str, plan: Option<&String>) -> ! {
+    let Some(path) = plan else {
+        eprintln!("usage: cloister-init {mode} <plan.json>");
+        std::process::exit(2)
+    };
+    let plan = match Plan::load(Path::new(path)) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("cloister-init: {e}");
+            std::process::exit(2)
+        }
+    };
+    let result = if mode == APPLY_ARG {
+        apply_and_verify(&plan.firewall).map(|t| {
+            format!(
+                "firewall: applied and verified (apply {} us, read back {} us)",
+                t.apply.as_micros(),
+                t.read_back.as_micros()
+            )
+        })
+    } else {
+        verify_live(&plan.firewall).map(|()| "firewall: verified".to_string())
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            println!("firewall: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_refuses_the_host_namespace_without_the_appliance_flag() {
+        let host = Cmdline::parse("BOOT_IMAGE=/vmlinuz root=/dev/sda1");
+        let appliance = Cmdline::parse("console=ttyS0 cloister.appliance");
+        assert!(!may_program(Netns::Pid1s, &host));
+        assert!(!may_program(Netns::Unknown, &host));
+        assert!(may_program(Netns::Pid1s, &appliance));
+        assert!(may_program(Netns::Other, &host));
+        assert!(may_program(Netns::Named, &host));
+    }
+
+    #[test]
+    fn this_test_process_may_not_program_its_namespace() {
+        // The unit tests run in the host's namespace (as PID 1's): the real guard must refuse,
+        // unless this host itself was booted as an appliance.
+        if !Cmdline::read().is_appliance() && guard().is_err() {
+            assert!(matches!(apply_and_verify(&FirewallPlan::default()), Err(FirewallError::HostNamespace)));
+        }
+    }
+}

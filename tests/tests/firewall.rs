@@ -1,0 +1,271 @@
+//! Host integration tests of the firewall: `cloister-init --firewall-apply` programs nf_tables
+//! inside network namespaces these tests create (`ip netns add cloister-fw-<pid>-<n>`), never
+//! in the host's; each namespace is deleted by a guard's Drop, and no host sysctl is touched.
+//! They compare our ruleset with the same policy written independently in nft syntax, send
+//! traffic over a veth pair to a peer namespace, and show that a changed live ruleset fails
+//! verification. They need root, `nft`, `setpriv`, busybox and `CLOISTER_INIT_BIN`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cloister_plan::{FirewallPlan, Plan};
+use cloister_tests::{run, stdout, Host};
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const TOR_UID: u32 = 4242;
+const NOBODY: u32 = 65534;
+
+/// The appliance's policy written by hand in nft syntax: the reference our code must match.
+const REFERENCE_NFT: &str = r#"
+table inet cloister {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        iifname "lo" accept
+        meta nfproto ipv6 counter drop
+        ct state invalid drop
+        ct state established,related accept
+        udp sport 67 udp dport 68 accept
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-in: "
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-fwd: "
+    }
+    chain output {
+        type filter hook output priority filter; policy drop;
+        oifname "lo" accept
+        meta nfproto ipv6 counter drop
+        ct state invalid drop
+        ct state established,related accept
+        udp sport 68 udp dport 67 accept
+        udp dport 53 counter limit rate 10/minute burst 5 packets log prefix "cloister-dns: "
+        udp dport 53 drop
+        tcp dport 53 counter limit rate 10/minute burst 5 packets log prefix "cloister-dns: "
+        tcp dport 53 drop
+        meta skuid 4242 tcp dport 80 accept
+        meta skuid 4242 tcp dport 443 accept
+        meta skuid 4242 tcp dport 9001 accept
+        meta skuid 4242 tcp dport 9030 accept
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-out: "
+    }
+}
+"#;
+
+/// A named network namespace this test made; deleted on drop, whatever happened.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("cloister-fw-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ensure_not_host()?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace pinned under /run/netns must not be the one this test runs in (the host's).
+    fn ensure_not_host(&self) -> Result<()> {
+        let pinned = std::fs::metadata(Path::new("/run/netns").join(&self.name))?;
+        let own = std::fs::metadata("/proc/self/ns/net")?;
+        ensure!(
+            (pinned.dev(), pinned.ino()) != (own.dev(), own.ino()),
+            "{} is the host's namespace",
+            self.name
+        );
+        Ok(())
+    }
+
+    fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(argv);
+        c
+    }
+
+    fn exec(&self, argv: &[&str]) -> Result<Output> {
+        run(&mut self.cmd(argv))
+    }
+
+    /// Our code applies and verifies `plan` in this namespace.
+    fn apply(&self, init: &Path, plan: &Path) -> Result<String> {
+        self.ensure_not_host()?;
+        let out = self.exec(&[&init.to_string_lossy(), "--firewall-apply", &plan.to_string_lossy()])?;
+        Ok(stdout(&out))
+    }
+
+    fn ruleset_json(&self) -> Result<Value> {
+        let out = self.exec(&["nft", "-j", "list", "ruleset"])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
+
+/// A listener in a namespace, killed on drop.
+struct Listener(Child);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Scratch {
+    _dir: tempfile::TempDir,
+    plan: PathBuf,
+}
+
+fn plan_file() -> Result<Scratch> {
+    let dir = tempfile::tempdir()?;
+    let plan = Plan {
+        hostname: "localhost".into(),
+        build_time_unix: 1,
+        admin_uids: vec![],
+        services: vec![],
+        firewall: FirewallPlan { tor_uid: Some(TOR_UID), ..FirewallPlan::default() },
+    };
+    let path = dir.path().join("plan.json");
+    std::fs::write(&path, plan.to_json())?;
+    Ok(Scratch { _dir: dir, plan: path })
+}
+
+/// nft's JSON without what differs between two loads of one policy: handles and metadata.
+fn normalise(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "handle" && k.as_str() != "metainfo")
+                .map(|(k, v)| (k.clone(), normalise(v)))
+                .collect(),
+        ),
+        Value::Array(a) => {
+            Value::Array(a.iter().filter(|e| e.get("metainfo").is_none()).map(normalise).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// The rules of `chain` in nft's JSON, in order.
+fn rules<'a>(ruleset: &'a Value, chain: &str) -> Vec<&'a Value> {
+    let items = ruleset["nftables"].as_array().map(Vec::as_slice).unwrap_or_default();
+    items.iter().filter_map(|i| i.get("rule")).filter(|r| r["chain"] == chain).collect()
+}
+
+/// Packets counted by the first rule of `chain` whose JSON contains all of `needles`.
+fn counter(ns: &Netns, chain: &str, needles: &[&str]) -> Result<u64> {
+    let rs = ns.ruleset_json()?;
+    for rule in rules(&rs, chain) {
+        let text = rule.to_string();
+        if needles.iter().all(|n| text.contains(n)) {
+            let expr = rule["expr"].as_array().context("rule without expr")?;
+            let c = expr.iter().find_map(|e| e.get("counter")).context("rule without counter")?;
+            return c["packets"].as_u64().context("counter without packets");
+        }
+    }
+    bail!("no rule in {chain} with {needles:?}")
+}
+
+#[test]
+fn firewall_matches_the_reference_nft_policy() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-reference") else { return Ok(()) };
+    let s = plan_file()?;
+    let ours = Netns::new("ours")?;
+    let reference = Netns::new("ref")?;
+    let start = Instant::now();
+    let said = ours.apply(&host.init, &s.plan)?;
+    eprintln!("firewall-reference: {} ({} ms with process start)", said.trim(), start.elapsed().as_millis());
+    ensure!(said.starts_with("firewall: applied and verified"), "{said}");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("reference.nft");
+    std::fs::write(&file, REFERENCE_NFT)?;
+    reference.ensure_not_host()?;
+    reference.exec(&["nft", "-f", &file.to_string_lossy()])?;
+    let (a, b) = (normalise(&ours.ruleset_json()?), normalise(&reference.ruleset_json()?));
+    ensure!(a == b, "ours:\n{a:#}\nreference:\n{b:#}");
+    // Applying again replaces the table atomically instead of adding a second copy.
+    ours.apply(&host.init, &s.plan)?;
+    ensure!(normalise(&ours.ruleset_json()?) == b, "a second apply changed the ruleset");
+    Ok(())
+}
+
+#[test]
+fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-traffic") else { return Ok(()) };
+    let s = plan_file()?;
+    let app = Netns::new("app")?;
+    let peer = Netns::new("peer")?;
+    app.apply(&host.init, &s.plan)?;
+    let (va, vp) =
+        (format!("fwa{}", std::process::id() % 100_000), format!("fwp{}", std::process::id() % 100_000));
+    app.exec(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vp, "netns", &peer.name])?;
+    app.exec(&["ip", "addr", "add", "10.199.7.1/24", "dev", &va])?;
+    app.exec(&["ip", "-6", "addr", "add", "fd00:199:7::1/64", "dev", &va, "nodad"])?;
+    app.exec(&["ip", "link", "set", &va, "up"])?;
+    peer.exec(&["ip", "addr", "add", "10.199.7.2/24", "dev", &vp])?;
+    peer.exec(&["ip", "-6", "addr", "add", "fd00:199:7::2/64", "dev", &vp, "nodad"])?;
+    peer.exec(&["ip", "link", "set", &vp, "up"])?;
+    let mut listeners = Vec::new();
+    for port in ["443", "8080"] {
+        let addr = format!("10.199.7.2:{port}");
+        let child = peer.cmd(&[PROBE, "listen", &addr]).stdout(Stdio::null()).spawn()?;
+        listeners.push(Listener(child));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = |uid: u32, port: &str| -> Result<bool> {
+        let uid = uid.to_string();
+        let out = app
+            .cmd(&["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups", "busybox", "nc", "-w", "2"])
+            .args(["10.199.7.2", port])
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out.status.success())
+    };
+    ensure!(connect(TOR_UID, "443")?, "the tor uid could not reach an allowed port");
+    ensure!(!connect(NOBODY, "443")?, "uid {NOBODY} reached the peer");
+    ensure!(!connect(TOR_UID, "8080")?, "the tor uid reached a forbidden port");
+    let dns = ["udp", "53", "cloister-dns"];
+    let before = counter(&app, "output", &dns)?;
+    let query = app.cmd(&["busybox", "nslookup", "example.org", "10.199.7.2"]).output()?;
+    ensure!(!query.status.success(), "a DNS query got an answer");
+    let after = counter(&app, "output", &dns)?;
+    ensure!(after > before, "the DNS counter did not move ({before} -> {after})");
+    let v6_before = counter(&app, "output", &["ipv6"])?;
+    let ping = app.cmd(&["busybox", "ping", "-6", "-c", "1", "-W", "1", "fd00:199:7::2"]).output()?;
+    ensure!(!ping.status.success(), "an IPv6 ping was answered");
+    let v6_after = counter(&app, "output", &["ipv6"])?;
+    ensure!(v6_after > v6_before, "the IPv6 drop counter did not move ({v6_before} -> {v6_after})");
+    Ok(())
+}
+
+#[test]
+fn firewall_verify_reports_a_changed_live_ruleset() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-verify") else { return Ok(()) };
+    let s = plan_file()?;
+    let ns = Netns::new("verify")?;
+    ns.apply(&host.init, &s.plan)?;
+    let init = host.init.to_string_lossy().into_owned();
+    let plan = s.plan.to_string_lossy().into_owned();
+    ns.exec(&[&init, "--firewall-verify", &plan])?;
+    ns.exec(&["nft", "add", "rule", "inet", "cloister", "output", "tcp", "dport", "8080", "accept"])?;
+    ns.exec(&["nft", "add", "table", "ip", "sneaky"])?;
+    let out = ns.cmd(&[&init, "--firewall-verify", &plan]).output()?;
+    let said = stdout(&out);
+    ensure!(!out.status.success(), "verify passed a changed ruleset: {said}");
+    ensure!(said.contains("live ruleset differs"), "{said}");
+    ensure!(said.contains("unexpected table sneaky"), "{said}");
+    ensure!(said.contains("chain output rule 15: unexpected"), "{said}");
+    Ok(())
+}
