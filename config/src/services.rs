@@ -71,18 +71,8 @@ pub struct RlimitsConfig {
     pub core: u64,
 }
 
-/// The plan's [`cloister_plan::Restart`] with every field optional in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RestartConfig {
-    pub initial_delay_ms: u64,
-    pub max_delay_ms: u64,
-    pub max_exits: u32,
-    pub window_ms: u64,
-    pub stable_ms: u64,
-    pub ready_timeout_ms: u64,
-    pub stop_grace_ms: u64,
-}
+/// The plan's own type: every field is optional in the file (`#[serde(default)]` there).
+pub type RestartConfig = cloister_plan::Restart;
 
 /// Readiness as written: `started`, `tcp:127.0.0.1:6667`, `unix:/path` or `file:/path`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,40 +115,6 @@ impl Default for NamespacesConfig {
 impl Default for RlimitsConfig {
     fn default() -> Self {
         Self { nproc: None, nofile: 1024, address_space_mib: None, core: 0 }
-    }
-}
-
-impl Default for RestartConfig {
-    fn default() -> Self {
-        cloister_plan::Restart::default().into()
-    }
-}
-
-impl From<cloister_plan::Restart> for RestartConfig {
-    fn from(r: cloister_plan::Restart) -> Self {
-        Self {
-            initial_delay_ms: r.initial_delay_ms,
-            max_delay_ms: r.max_delay_ms,
-            max_exits: r.max_exits,
-            window_ms: r.window_ms,
-            stable_ms: r.stable_ms,
-            ready_timeout_ms: r.ready_timeout_ms,
-            stop_grace_ms: r.stop_grace_ms,
-        }
-    }
-}
-
-impl From<RestartConfig> for cloister_plan::Restart {
-    fn from(r: RestartConfig) -> Self {
-        Self {
-            initial_delay_ms: r.initial_delay_ms,
-            max_delay_ms: r.max_delay_ms,
-            max_exits: r.max_exits,
-            window_ms: r.window_ms,
-            stable_ms: r.stable_ms,
-            ready_timeout_ms: r.ready_timeout_ms,
-            stop_grace_ms: r.stop_grace_ms,
-        }
     }
 }
 
@@ -518,7 +474,7 @@ mod tests {
         let n = &c.services["ngircd"];
         assert_eq!(n.user.as_deref(), Some("irc"));
         assert_eq!(n.ready.0, Readiness::Tcp("127.0.0.1:6667".parse().unwrap()));
-        assert_eq!(n.restart, RestartConfig::from(cloister_plan::Restart::default()));
+        assert_eq!(n.restart, cloister_plan::Restart::default());
     }
 
     #[test]

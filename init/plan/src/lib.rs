@@ -166,7 +166,7 @@ pub enum Readiness {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Restart {
     /// The first restart waits this long; each further one twice as long, up to `max_delay_ms`.
     pub initial_delay_ms: u64,

@@ -144,7 +144,7 @@ fn resolve_service(name: &str, sc: &ServiceConfig, acc: &Accounts, tree: &mut Tr
         rlimits: sc.rlimits.to_plan(),
         after: sc.after.clone(),
         ready: sc.ready.0.clone(),
-        restart: sc.restart.into(),
+        restart: sc.restart,
     })
 }
 
