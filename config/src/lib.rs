@@ -31,6 +31,7 @@ pub struct Config {
     pub boot: BootConfig,
     pub system: SystemConfig,
     pub firewall: FirewallConfig,
+    pub network: NetworkConfig,
     /// Enabled services only, shipped ones first; see [`services::merge`].
     pub services: Services,
 }
@@ -102,6 +103,85 @@ impl FirewallConfig {
     }
 }
 
+/// `[network]`: how the uplink gets its IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// "dhcp" or "static".
+    pub mode: String,
+    /// Static mode only: the address, its prefix length and the default gateway.
+    pub address: Option<String>,
+    pub prefix: Option<u8>,
+    pub gateway: Option<String>,
+    pub randomize_mac: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        let plan = cloister_plan::NetworkPlan::default();
+        Self {
+            mode: "dhcp".into(),
+            address: None,
+            prefix: None,
+            gateway: None,
+            randomize_mac: plan.randomize_mac,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// The plan's form, or the dotted key and the reason it is refused.
+    pub fn to_plan(&self) -> Result<cloister_plan::NetworkPlan, (String, String)> {
+        use cloister_plan::{NetworkMode, NetworkPlan, StaticIpv4};
+        let bad = |key: &str, why: String| Err((format!("network.{key}"), why));
+        let mode = match self.mode.as_str() {
+            "dhcp" => {
+                for (key, set) in [
+                    ("address", self.address.is_some()),
+                    ("prefix", self.prefix.is_some()),
+                    ("gateway", self.gateway.is_some()),
+                ] {
+                    if set {
+                        return bad(key, "only for mode = \"static\"".into());
+                    }
+                }
+                NetworkMode::Dhcp
+            }
+            "static" => {
+                let address = host_address(self.address.as_deref())
+                    .map_err(|why| ("network.address".to_string(), why))?;
+                let prefix = match self.prefix {
+                    Some(p @ 1..=32) => p,
+                    Some(p) => return bad("prefix", format!("{p} is outside 1..=32")),
+                    None => return bad("prefix", "required with mode = \"static\"".into()),
+                };
+                let gateway = host_address(self.gateway.as_deref())
+                    .map_err(|why| ("network.gateway".to_string(), why))?;
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                if prefix < 32 && u32::from(gateway) & mask != u32::from(address) & mask {
+                    return bad("gateway", format!("{gateway} is outside {address}/{prefix}"));
+                }
+                if gateway == address {
+                    return bad("gateway", format!("{gateway} is the appliance's own address"));
+                }
+                NetworkMode::Static(StaticIpv4 { address, prefix, gateway })
+            }
+            other => return bad("mode", format!("{other:?} is not \"dhcp\" or \"static\"")),
+        };
+        Ok(NetworkPlan { mode, randomize_mac: self.randomize_mac })
+    }
+}
+
+/// A unicast IPv4 address a host may hold.
+fn host_address(text: Option<&str>) -> Result<std::net::Ipv4Addr, String> {
+    let text = text.ok_or("required with mode = \"static\"")?;
+    let a: std::net::Ipv4Addr = text.parse().map_err(|_| format!("{text:?} is not an IPv4 address"))?;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("{a} is not a unicast host address"));
+    }
+    Ok(a)
+}
+
 /// What the kernel accepts as a network interface name (`dev_valid_name`).
 pub fn is_interface_name(name: &str) -> bool {
     (1..16).contains(&name.len())
@@ -150,6 +230,7 @@ impl Default for Config {
             boot: BootConfig::default(),
             system: SystemConfig::default(),
             firewall: FirewallConfig::default(),
+            network: NetworkConfig::default(),
             services: services::default_services(),
         }
     }
@@ -312,6 +393,7 @@ impl Config {
             return bad("system.admin_uids", format!("{uid} is listed twice (entry {})", i + 1));
         }
         self.firewall.validate()?;
+        self.network.to_plan()?;
         services::validate(&self.services)
     }
 }
@@ -480,6 +562,12 @@ mod tests {
             ("[firewall]\nrelay_ports = [70000]\n", 2, "firewall.relay_ports"),
             ("[firewall]\nuplink = \"eth0/1\"\n", 2, "firewall.uplink"),
             ("[firewall]\nuplink = \"\"\n", 2, "firewall.uplink"),
+            ("[network]\nmode = \"ppp\"\n", 2, "network.mode"),
+            ("[network]\naddress = \"10.0.0.2\"\n", 2, "network.address"),
+            ("[network]\nmode = \"static\"\naddress = \"10.0.0.256\"\nprefix = 24\ngateway = \"10.0.0.1\"\n", 3, "network.address"),
+            ("[network]\nmode = \"static\"\naddress = \"10.0.0.2\"\nprefix = 33\ngateway = \"10.0.0.1\"\n", 4, "network.prefix"),
+            ("[network]\nmode = \"static\"\naddress = \"10.0.0.2\"\nprefix = 24\ngateway = \"10.0.1.1\"\n", 5, "network.gateway"),
+            ("[network]\nmode = \"static\"\naddress = \"10.0.0.2\"\nprefix = 24\n", 1, "network.gateway"),
             ("[firewall]\n\ntor_user = \"\"\n", 3, "firewall.tor_user"),
         ];
         for (text, line, key) in cases {

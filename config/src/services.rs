@@ -552,7 +552,7 @@ restart = { initial_delay_ms = 200, max_exits = 3, window_ms = 60000 }
             (Some(64), Some(4096), Some(512 << 20), Some(0))
         );
         assert_eq!(s.ready.0, Readiness::Unix("/run/web.sock".into()));
-        let r = cloister_plan::Restart::from(s.restart);
+        let r = s.restart;
         let d = cloister_plan::Restart::default();
         assert_eq!((r.initial_delay_ms, r.max_exits, r.window_ms), (200, 3, 60000));
         assert_eq!(

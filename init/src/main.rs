@@ -14,11 +14,14 @@ mod console;
 mod control;
 mod firewall;
 mod gpt;
+mod grow;
 mod guard;
 mod input;
+mod ioctl;
 mod kmod;
 mod mounts;
 mod netns;
+mod network;
 mod passphrase;
 mod power;
 mod root;
@@ -53,6 +56,10 @@ fn main() {
     // refuses the host's namespace.
     if let Some(mode @ (firewall::APPLY_ARG | firewall::VERIFY_ARG)) = args.get(1).map(String::as_str) {
         firewall::run_mode(mode, args.get(2));
+    }
+    // The DHCP client: a supervised child of PID 1, never PID 1 itself.
+    if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {
+        network::client::run_mode(args.get(2));
     }
     // Every stage mounts over /dev, /proc… and ends in a power off: never as an ordinary process
     // on a developer's host. (/proc is not mounted yet, so the appliance flag is checked later,

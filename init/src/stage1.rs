@@ -79,16 +79,35 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         Some(dev) => dev,
         None => step(c, "find-root", || find_root(c, &cmdline))?,
     };
-    step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
+    let pass = step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
     leftover.finish(c);
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
+    grow_root(c, &cmdline, &dev, &pass);
+    drop(pass);
     // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
     if let Err(e) = step(c, "save-initramfs", mounts::save_initramfs) {
         c.line(&format!("cloister: {}: {}", e.step, e.error));
     }
     c.line(&format!("cloister: switching to {STAGE2_PATH} at {} ms since boot", clock::boot_ms()));
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
+}
+
+type Passphrase = zeroize::Zeroizing<Vec<u8>>;
+
+/// First-boot growth; a failure is reported and the boot goes on with the root as it is.
+fn grow_root(c: &Consoles, cmdline: &Cmdline, dev: &std::path::Path, pass: &[u8]) {
+    let Ok(spec) = cmdline.root() else { return };
+    let root = crate::grow::Root {
+        partition: dev,
+        partuuid: &spec.partuuid,
+        mapping: ROOT_MAPPING,
+        mountpoint: std::path::Path::new(mounts::SYSROOT),
+    };
+    match step(c, "grow", || crate::grow::run(&root, pass)) {
+        Ok(grown) => c.line(&grown.to_string()),
+        Err(e) => c.line(&format!("{} {}", marker::GROW_FAILED, e.error)),
+    }
 }
 
 /// After each group of disk drivers has loaded, its disks get this long to show up.
@@ -240,7 +259,12 @@ enum UnlockStepError {
 }
 
 /// Asks until a passphrase opens the root; wrong ones cost a growing delay.
-fn unlock(c: &Consoles, dev: &std::path::Path, modules: &mut Background) -> Result<(), UnlockStepError> {
+/// Returns the passphrase that worked: growing the root needs it once more (see `grow`).
+fn unlock(
+    c: &Consoles,
+    dev: &std::path::Path,
+    modules: &mut Background,
+) -> Result<Passphrase, UnlockStepError> {
     mounts::make_dir(crate::unlock::LOCK_DIR, 0o700).map_err(UnlockStepError::LockDir)?;
     let mut luks = Luks::open(dev)?;
     let mut failures = 0u32;
@@ -250,7 +274,7 @@ fn unlock(c: &Consoles, dev: &std::path::Path, modules: &mut Background) -> Resu
         // dm-crypt must be in the kernel before the mapping can be made.
         modules.finish(c)?;
         match luks.activate(ROOT_MAPPING, &pass) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(pass),
             Err(UnlockError::WrongPassphrase) => {
                 failures = failures.saturating_add(1);
                 c.line(marker::WRONG_PASSPHRASE);

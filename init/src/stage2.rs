@@ -11,7 +11,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use cloister_plan::{Plan, PLAN_PATH, RUN_DIR, STATE_DIR};
+use cloister_plan::{NetworkMode, Plan, PLAN_PATH, RUN_DIR, STATE_DIR};
 use cloister_proto::marker;
 
 use crate::cmdline::Cmdline;
@@ -20,7 +20,7 @@ use crate::firewall::firewall_step;
 use crate::power::Ending;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::system::{self, StepRecord, Steps};
-use crate::{clock, input, kmod, mounts, power};
+use crate::{clock, input, kmod, mounts, network, power};
 
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
 const GRACE: Duration = Duration::from_secs(3);
@@ -49,8 +49,9 @@ pub fn run() -> ! {
         say(&format!("cloister: {e}"));
     }
     let buttons = open_power_buttons(&say);
-    let (plan, steps) = prepare(&say);
+    let (plan, steps, uplink) = prepare(&say);
     let mut sup = Supervisor::new(plan, Path::new(RUN_DIR), &say, steps);
+    sup.set_network_status(Box::new(move || network::status(uplink.as_ref())));
     sup.watch_kernel_log();
     let ending = match sup.run(&sfd, &buttons) {
         Outcome::PowerOff => Ending::PowerOff,
@@ -67,13 +68,13 @@ pub fn run() -> ! {
 
 /// The machine steps, then the firewall; if any of them fails no service may start, so the
 /// plan comes back without services (fail closed) and the console says why.
-fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>) {
+fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>, Option<network::Uplink>) {
     let mut steps = Steps::new(say);
     let mut plan = match Plan::load(Path::new(PLAN_PATH)) {
         Ok(plan) => plan,
         Err(e) => {
             say(&format!("{}: {e}", marker::SERVICES_HELD));
-            return (empty_plan(), steps.records().to_vec());
+            return (empty_plan(), steps.records().to_vec(), None);
         }
     };
     let machine =
@@ -84,8 +85,15 @@ fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>) {
     if let Err(e) = firewall {
         say(&format!("{}: {e}", marker::SERVICES_HELD));
         plan.services.clear();
+        return (plan, steps.records().to_vec(), None);
     }
-    (plan, steps.records().to_vec())
+    // Only behind a verified firewall; a failure leaves the uplink down, the services start.
+    let uplink =
+        steps.run("network", || network::network_step(&plan.network, &plan.firewall, say)).ok().flatten();
+    if let Some(up) = uplink.as_ref().filter(|u| u.mode == NetworkMode::Dhcp) {
+        plan.services.insert(0, network::dhcp_service(up, Path::new(cloister_proto::STAGE2_PATH)));
+    }
+    (plan, steps.records().to_vec(), uplink)
 }
 
 /// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of
@@ -126,6 +134,7 @@ fn empty_plan() -> Plan {
         admin_uids: Vec::new(),
         services: Vec::new(),
         firewall: Default::default(),
+        network: Default::default(),
     }
 }
 

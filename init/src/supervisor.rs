@@ -97,6 +97,7 @@ pub struct Supervisor<'a> {
     clients: Vec<Client>,
     chat_netns: PathBuf,
     kmsg: Option<File>,
+    network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -117,6 +118,7 @@ impl<'a> Supervisor<'a> {
             clients: Vec::new(),
             chat_netns: run_dir.join("netns").join(NetNs::Chat.name()),
             kmsg: None,
+            network: None,
         };
         if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
             sup.note(&format!("cloister: {}: {e}", run_dir.join("root").display()));
@@ -129,6 +131,11 @@ impl<'a> Supervisor<'a> {
             Err(e) => sup.note(&format!("cloister: control socket: {e}")),
         }
         sup
+    }
+
+    /// What `status` shows under "network", asked afresh on every request.
+    pub fn set_network_status(&mut self, network: Box<dyn Fn() -> serde_json::Value + 'a>) {
+        self.network = Some(network);
     }
 
     /// Also keep kernel messages in the journal (the appliance's own, not a host's).
@@ -559,6 +566,7 @@ impl<'a> Supervisor<'a> {
             "uptime_ms": u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX),
             "steps": self.steps,
             "services": services,
+            "network": self.network.as_ref().map(|f| f()),
         })
     }
 

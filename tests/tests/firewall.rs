@@ -136,6 +136,7 @@ fn plan_file() -> Result<Scratch> {
         admin_uids: vec![],
         services: vec![],
         firewall: FirewallPlan { tor_uid: Some(TOR_UID), ..FirewallPlan::default() },
+        network: Default::default(),
     };
     let path = dir.path().join("plan.json");
     std::fs::write(&path, plan.to_json())?;

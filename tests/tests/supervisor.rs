@@ -106,6 +106,7 @@ impl Scratch {
             admin_uids: vec![],
             services,
             firewall: Default::default(),
+            network: Default::default(),
         };
         Supervisor::start(self, &plan)
     }

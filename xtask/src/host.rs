@@ -14,6 +14,8 @@ pub const BUILD: &[&str] = &[
     "libclang-dev",
     "pkg-config",
     "xfsprogs",
+    // xfs_fs.h: init's ioctl layouts are checked against it by a unit test.
+    "xfslibs-dev",
     "systemd-boot-efi",
     "binutils",
     "kmod",

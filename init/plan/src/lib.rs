@@ -7,7 +7,7 @@
 //! JSON argument.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,41 @@ pub struct Plan {
     /// What the firewall lets through; plans written before it existed get the default.
     #[serde(default)]
     pub firewall: FirewallPlan,
+    /// How the uplink gets its address; plans written before it existed get the default.
+    #[serde(default)]
+    pub network: NetworkPlan,
+}
+
+/// The uplink's configuration, checked at build time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkPlan {
+    pub mode: NetworkMode,
+    /// A fresh locally administered MAC address on every boot, set before the link comes up.
+    pub randomize_mac: bool,
+}
+
+impl Default for NetworkPlan {
+    fn default() -> Self {
+        Self { mode: NetworkMode::Dhcp, randomize_mac: true }
+    }
+}
+
+/// DHCPv4 by PID 1's own client, or a fixed address and default route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum NetworkMode {
+    Dhcp,
+    Static(StaticIpv4),
+}
+
+/// A static IPv4 configuration: the gateway lies inside `address/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticIpv4 {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
 }
 
 /// The firewall's inputs, resolved at build time: the one uid that may leave the machine and
@@ -282,8 +317,26 @@ mod tests {
         let plan: Plan = serde_json::from_str(old).unwrap();
         assert_eq!(plan.firewall, FirewallPlan::default());
         assert_eq!(plan.firewall.tor_uid, None);
+        assert_eq!(plan.network, NetworkPlan::default());
         let back: Plan = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(back, plan);
+    }
+
+    #[test]
+    fn network_modes_read_as_written() {
+        let fixed = NetworkPlan {
+            mode: NetworkMode::Static(StaticIpv4 {
+                address: Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24,
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            }),
+            randomize_mac: false,
+        };
+        let text = serde_json::to_string(&fixed).unwrap();
+        assert!(text.contains(r#""static":{"address":"10.0.0.2""#), "{text}");
+        assert_eq!(serde_json::from_str::<NetworkPlan>(&text).unwrap(), fixed);
+        let dhcp: NetworkPlan = serde_json::from_str(r#"{"mode":"dhcp"}"#).unwrap();
+        assert_eq!(dhcp, NetworkPlan::default());
     }
 
     #[test]

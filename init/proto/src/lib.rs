@@ -56,6 +56,13 @@ pub mod marker {
     /// Printed once no service is on its way up for the first time any more (after
     /// [`ALL_READY`] if they all are): `cloister: pid 1 rss <n> KiB`.
     pub const PID1_RSS: &str = "cloister: pid 1 rss";
+    /// Printed by stage 1 when first-boot growth changed something:
+    /// `cloister: grow: root partition <old> -> <new> bytes; xfs <old> -> <new> blocks`.
+    pub const GROW: &str = "cloister: grow: root partition";
+    /// Printed by stage 1 when the root already fills its disk.
+    pub const GROW_NOTHING: &str = "cloister: grow: nothing to do";
+    /// Printed by stage 1 when growth failed; the boot goes on: `cloister: grow: failed: <why>`.
+    pub const GROW_FAILED: &str = "cloister: grow: failed:";
     /// Printed instead of starting services when the firewall step failed.
     pub const SERVICES_HELD: &str = "cloister: services not started";
 }

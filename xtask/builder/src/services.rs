@@ -55,7 +55,14 @@ pub fn resolve(config: &Config, tree: &mut Tree, build_time_unix: u64) -> Result
         admin_uids: config.system.admin_uids.clone(),
         services,
         firewall: firewall_plan(config, &accounts)?,
+        network: network_plan(config)?,
     })
+}
+
+/// `[network]` in the plan's form (already checked when the config was read; checked again
+/// here for configs built in code).
+fn network_plan(config: &Config) -> Result<cloister_plan::NetworkPlan> {
+    config.network.to_plan().map_err(|(key, why)| anyhow::anyhow!("{key}: {why}"))
 }
 
 /// `[firewall]` with the tor user resolved to its uid in the image.
