@@ -76,7 +76,8 @@ fn firewall_plan(config: &Config, acc: &Accounts) -> Result<FirewallPlan> {
         relay_ports: fw.relay_ports.clone(),
         uplink: fw.uplink.clone(),
         allow_ipv6: fw.allow_ipv6,
-        dhcp: fw.dhcp,
+        // A static address needs no DHCP hole in the firewall, whatever `firewall.dhcp` says.
+        dhcp: fw.dhcp && config.network.mode == "dhcp",
     })
 }
 
@@ -485,6 +486,14 @@ restart = {{ max_exits = 2 }}
         assert_eq!(plan.firewall.relay_ports, [80, 443, 9001, 9030]);
         let e = fails("[firewall]\ntor_user = \"nosuchtor\"\n");
         assert_eq!(e, "firewall.tor_user: no user \"nosuchtor\" in the image");
+    }
+
+    #[test]
+    fn a_static_network_closes_the_dhcp_hole() {
+        let (_d, mut t) = image();
+        assert!(resolve(&Config::default(), &mut t, 1).unwrap().firewall.dhcp);
+        let text = "[network]\nmode = \"static\"\naddress = \"192.168.1.10\"\nprefix = 24\ngateway = \"192.168.1.1\"\n";
+        assert!(!resolve(&config(text), &mut t, 1).unwrap().firewall.dhcp);
     }
 
     #[test]
