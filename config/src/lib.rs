@@ -17,8 +17,8 @@ pub use services::{ServiceConfig, Services};
 /// The embedded default config, shown to users and checked against [`Config::default`].
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 
-/// Smallest XFS that mkfs.xfs accepts, plus the 32 MiB that offline LUKS2 encryption reserves.
-pub const MIN_ROOT_MIB: u64 = 300 + 32;
+/// Smallest XFS that mkfs.xfs accepts, plus the 16 MiB LUKS2 header.
+pub const MIN_ROOT_MIB: u64 = 300 + 16;
 /// One MiB for the GPT at each end and alignment.
 const GPT_OVERHEAD_MIB: u64 = 2;
 
@@ -350,7 +350,7 @@ impl Config {
         if img.size_mib < min || img.size_mib > 1024 * 1024 {
             return bad(
                 "image.size_mib",
-                format!("{} is outside {min}..=1048576 (ESP + 332 MiB root + GPT)", img.size_mib),
+                format!("{} is outside {min}..=1048576 (ESP + 316 MiB root + GPT)", img.size_mib),
             );
         }
         if self.packages.include.is_empty() {

@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     encrypt_in_place(&img, b"measure", &kdf, Some(&mut report))?;
     let luks = t.elapsed().as_secs_f64();
     let pass = span.map_or(0.0, |(first, last)| (last - first).as_secs_f64());
-    let data_mb = (bytes - LUKS_RESERVE_BYTES / 2) as f64 / 1e6;
+    let data_mb = (bytes - LUKS_RESERVE_BYTES) as f64 / 1e6;
     println!(
         "size {mib} MiB: mkfs {mkfs:.3} s, luks {luks:.3} s, data pass {pass:.3} s = {:.0} MB/s",
         data_mb / pass

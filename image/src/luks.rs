@@ -1,8 +1,8 @@
 //! Offline LUKS2 encryption of a plain file that already holds the root XFS, in userspace (no
-//! device-mapper, no AF_ALG, no root). The result is what `cryptsetup reencrypt --encrypt
-//! --reduce-device-size 32M` makes: the header takes the first 16 MiB, the data shifts by that
-//! much, and the file's last 32 MiB must be free on entry (make the XFS [`LUKS_RESERVE_BYTES`]
-//! smaller than the file). The data pass is ours (AES-256-XTS through OpenSSL's EVP, the same
+//! device-mapper, no AF_ALG, no root). The header takes the first 16 MiB and the data shifts by
+//! that much, so the file's last 16 MiB must be free on entry (make the XFS
+//! [`LUKS_RESERVE_BYTES`] smaller than the file): the XFS then fills the data segment exactly,
+//! and the first boot has nothing to grow on a disk of the image's size. The data pass is ours (AES-256-XTS through OpenSSL's EVP, the same
 //! libcrypto libcryptsetup uses here, with dm-crypt's plain64 IVs); the header and keyslot are
 //! libcryptsetup's.
 
@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-/// Free space the caller leaves at the end of the file; half of it becomes the LUKS2 header.
-pub const LUKS_RESERVE_BYTES: u64 = 32 * 1024 * 1024;
-const HEADER_BYTES: u64 = LUKS_RESERVE_BYTES / 2;
+/// Free space the caller leaves at the end of the file: the size of the LUKS2 header.
+pub const LUKS_RESERVE_BYTES: u64 = HEADER_BYTES;
+const HEADER_BYTES: u64 = 16 * 1024 * 1024;
 const SECTOR_BYTES: u32 = 4096;
 const SECTOR: usize = SECTOR_BYTES as usize;
 const CIPHER: (&str, &str) = ("aes", "xts-plain64");
@@ -343,7 +343,7 @@ mod tests {
         }
     }
 
-    /// Sector-distinct content over the XFS's place, the free 32 MiB reserve left zero.
+    /// Sector-distinct content over the XFS's place, the free 16 MiB reserve left zero.
     fn plaintext() -> Vec<u8> {
         let mut plain = vec![0u8; FILE_BYTES as usize];
         let used = (FILE_BYTES - LUKS_RESERVE_BYTES) as usize;

@@ -65,9 +65,16 @@ impl std::fmt::Display for Grown {
         if self.partition.is_none() && self.xfs.is_none() {
             return f.write_str(cloister_proto::marker::GROW_NOTHING);
         }
-        let (p0, p1) = self.partition.unwrap_or_default();
-        let (x0, x1) = self.xfs.unwrap_or_default();
-        write!(f, "{} {p0} -> {p1} bytes; xfs {x0} -> {x1} blocks", cloister_proto::marker::GROW)
+        // A boot that finishes an interrupted grow may have only the upper layers left to do.
+        let partition = match self.partition {
+            Some((p0, p1)) => format!("{p0} -> {p1} bytes"),
+            None => "unchanged".into(),
+        };
+        let xfs = match self.xfs {
+            Some((x0, x1)) => format!("{x0} -> {x1} blocks"),
+            None => "unchanged".into(),
+        };
+        write!(f, "{} {partition}; xfs {xfs}", cloister_proto::marker::GROW)
     }
 }
 
@@ -205,5 +212,7 @@ mod tests {
             g.to_string(),
             "cloister: grow: root partition 1073741824 -> 4294967296 bytes; xfs 100 -> 400 blocks"
         );
+        let g = Grown { partition: None, xfs: Some((100, 400)) };
+        assert_eq!(g.to_string(), "cloister: grow: root partition unchanged; xfs 100 -> 400 blocks");
     }
 }
