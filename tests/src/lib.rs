@@ -221,3 +221,67 @@ pub fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     eprintln!("scenario {name}: {status} ({:.1} s)", t.elapsed().as_secs_f64());
     r.with_context(|| format!("scenario {name}"))
 }
+
+/// A named network namespace a test made (`ip netns add`), loopback up, deleted on drop. Every
+/// command run in it first checks that the name does not pin the host's own namespace.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(name: String) -> Result<Self> {
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace pinned under /run/netns must not be the one this test runs in (the host's).
+    pub fn ensure_not_host(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let pinned = std::fs::metadata(Path::new("/run/netns").join(&self.name))?;
+        let own = std::fs::metadata("/proc/self/ns/net")?;
+        anyhow::ensure!(
+            (pinned.dev(), pinned.ino()) != (own.dev(), own.ino()),
+            "{} is the host's namespace",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// `ip netns exec <name> argv…`, not yet run.
+    pub fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(argv);
+        c
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> Result<Output> {
+        self.ensure_not_host()?;
+        run(&mut self.cmd(argv))
+    }
+
+    pub fn exec_text(&self, argv: &[&str]) -> Result<String> {
+        Ok(stdout(&self.exec(argv)?))
+    }
+
+    pub fn json(&self, argv: &[&str]) -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&self.exec(argv)?.stdout)?)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
+
+/// A child process killed and reaped on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

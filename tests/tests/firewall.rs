@@ -5,15 +5,14 @@
 //! traffic over a veth pair to a peer namespace, and show that a changed live ruleset fails
 //! verification. They need root, `nft`, `setpriv`, busybox and `CLOISTER_INIT_BIN`.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cloister_plan::{FirewallPlan, Plan};
-use cloister_tests::{run, stdout, Host};
+use cloister_tests::{stdout, Host, KillOnDrop, TestNetns};
 use serde_json::Value;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
@@ -56,71 +55,20 @@ table inet cloister {
 }
 "#;
 
-/// A named network namespace this test made; deleted on drop, whatever happened.
-struct Netns {
-    name: String,
+/// A fresh namespace named after this process and `tag`.
+fn netns(tag: &str) -> Result<TestNetns> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    TestNetns::new(format!("cloister-fw-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
 }
 
-impl Netns {
-    fn new(tag: &str) -> Result<Self> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("cloister-fw-{}-{}-{tag}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.ensure_not_host()?;
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// The namespace pinned under /run/netns must not be the one this test runs in (the host's).
-    fn ensure_not_host(&self) -> Result<()> {
-        let pinned = std::fs::metadata(Path::new("/run/netns").join(&self.name))?;
-        let own = std::fs::metadata("/proc/self/ns/net")?;
-        ensure!(
-            (pinned.dev(), pinned.ino()) != (own.dev(), own.ino()),
-            "{} is the host's namespace",
-            self.name
-        );
-        Ok(())
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
-        c
-    }
-
-    fn exec(&self, argv: &[&str]) -> Result<Output> {
-        run(&mut self.cmd(argv))
-    }
-
-    /// Our code applies and verifies `plan` in this namespace.
-    fn apply(&self, init: &Path, plan: &Path) -> Result<String> {
-        self.ensure_not_host()?;
-        let out = self.exec(&[&init.to_string_lossy(), "--firewall-apply", &plan.to_string_lossy()])?;
-        Ok(stdout(&out))
-    }
-
-    fn ruleset_json(&self) -> Result<Value> {
-        let out = self.exec(&["nft", "-j", "list", "ruleset"])?;
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
+/// Our code applies and verifies `plan` in `ns`.
+fn apply(ns: &TestNetns, init: &Path, plan: &Path) -> Result<String> {
+    let out = ns.exec(&[&init.to_string_lossy(), "--firewall-apply", &plan.to_string_lossy()])?;
+    Ok(stdout(&out))
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
-    }
-}
-
-/// A listener in a namespace, killed on drop.
-struct Listener(Child);
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn ruleset_json(ns: &TestNetns) -> Result<Value> {
+    ns.json(&["nft", "-j", "list", "ruleset"])
 }
 
 struct Scratch {
@@ -166,8 +114,8 @@ fn rules<'a>(ruleset: &'a Value, chain: &str) -> Vec<&'a Value> {
 }
 
 /// Packets counted by the first rule of `chain` whose JSON contains all of `needles`.
-fn counter(ns: &Netns, chain: &str, needles: &[&str]) -> Result<u64> {
-    let rs = ns.ruleset_json()?;
+fn counter(ns: &TestNetns, chain: &str, needles: &[&str]) -> Result<u64> {
+    let rs = ruleset_json(ns)?;
     for rule in rules(&rs, chain) {
         let text = rule.to_string();
         if needles.iter().all(|n| text.contains(n)) {
@@ -183,10 +131,10 @@ fn counter(ns: &Netns, chain: &str, needles: &[&str]) -> Result<u64> {
 fn firewall_matches_the_reference_nft_policy() -> Result<()> {
     let Some(host) = Host::from_env("firewall-reference") else { return Ok(()) };
     let s = plan_file()?;
-    let ours = Netns::new("ours")?;
-    let reference = Netns::new("ref")?;
+    let ours = netns("ours")?;
+    let reference = netns("ref")?;
     let start = Instant::now();
-    let said = ours.apply(&host.init, &s.plan)?;
+    let said = apply(&ours, &host.init, &s.plan)?;
     eprintln!("firewall-reference: {} ({} ms with process start)", said.trim(), start.elapsed().as_millis());
     ensure!(said.starts_with("firewall: applied and verified"), "{said}");
     let dir = tempfile::tempdir()?;
@@ -194,11 +142,11 @@ fn firewall_matches_the_reference_nft_policy() -> Result<()> {
     std::fs::write(&file, REFERENCE_NFT)?;
     reference.ensure_not_host()?;
     reference.exec(&["nft", "-f", &file.to_string_lossy()])?;
-    let (a, b) = (normalise(&ours.ruleset_json()?), normalise(&reference.ruleset_json()?));
+    let (a, b) = (normalise(&ruleset_json(&ours)?), normalise(&ruleset_json(&reference)?));
     ensure!(a == b, "ours:\n{a:#}\nreference:\n{b:#}");
     // Applying again replaces the table atomically instead of adding a second copy.
-    ours.apply(&host.init, &s.plan)?;
-    ensure!(normalise(&ours.ruleset_json()?) == b, "a second apply changed the ruleset");
+    apply(&ours, &host.init, &s.plan)?;
+    ensure!(normalise(&ruleset_json(&ours)?) == b, "a second apply changed the ruleset");
     Ok(())
 }
 
@@ -206,9 +154,9 @@ fn firewall_matches_the_reference_nft_policy() -> Result<()> {
 fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
     let Some(host) = Host::from_env("firewall-traffic") else { return Ok(()) };
     let s = plan_file()?;
-    let app = Netns::new("app")?;
-    let peer = Netns::new("peer")?;
-    app.apply(&host.init, &s.plan)?;
+    let app = netns("app")?;
+    let peer = netns("peer")?;
+    apply(&app, &host.init, &s.plan)?;
     let (va, vp) =
         (format!("fwa{}", std::process::id() % 100_000), format!("fwp{}", std::process::id() % 100_000));
     app.exec(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vp, "netns", &peer.name])?;
@@ -222,7 +170,7 @@ fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
     for port in ["443", "8080"] {
         let addr = format!("10.199.7.2:{port}");
         let child = peer.cmd(&[PROBE, "listen", &addr]).stdout(Stdio::null()).spawn()?;
-        listeners.push(Listener(child));
+        listeners.push(KillOnDrop(child));
     }
     std::thread::sleep(Duration::from_millis(300));
     let connect = |uid: u32, port: &str| -> Result<bool> {
@@ -255,8 +203,8 @@ fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
 fn firewall_verify_reports_a_changed_live_ruleset() -> Result<()> {
     let Some(host) = Host::from_env("firewall-verify") else { return Ok(()) };
     let s = plan_file()?;
-    let ns = Netns::new("verify")?;
-    ns.apply(&host.init, &s.plan)?;
+    let ns = netns("verify")?;
+    apply(&ns, &host.init, &s.plan)?;
     let init = host.init.to_string_lossy().into_owned();
     let plan = s.plan.to_string_lossy().into_owned();
     ns.exec(&[&init, "--firewall-verify", &plan])?;

@@ -8,93 +8,34 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cloister_tests::{run, Host};
+use cloister_tests::{Host, KillOnDrop, TestNetns};
 use nix::sys::socket::{recv, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
-use serde_json::Value;
 
 const SERVER: &str = "10.77.0.1";
 
-/// A named network namespace this test made; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> Result<Self> {
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.ensure_not_host()?;
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn ensure_not_host(&self) -> Result<()> {
-        let pinned = std::fs::metadata(Path::new("/run/netns").join(&self.name))?;
-        let own = std::fs::metadata("/proc/self/ns/net")?;
-        ensure!(
-            (pinned.dev(), pinned.ino()) != (own.dev(), own.ino()),
-            "{} is the host's namespace",
-            self.name
-        );
-        Ok(())
-    }
-
-    fn cmd(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
-        c
-    }
-
-    fn exec(&self, argv: &[&str]) -> Result<String> {
-        self.ensure_not_host()?;
-        Ok(String::from_utf8_lossy(&run(&mut self.cmd(argv))?.stdout).into_owned())
-    }
-
-    fn json(&self, argv: &[&str]) -> Result<Value> {
-        Ok(serde_json::from_str(&self.exec(argv)?)?)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
-    }
-}
-
-/// A child killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Client and server namespaces joined by a veth pair, udhcpd serving the server's end.
 struct Lab {
-    client: Netns,
-    server: Netns,
+    client: TestNetns,
+    server: TestNetns,
     client_if: String,
     mac: [u8; 6],
     _dir: tempfile::TempDir,
-    _udhcpd: Proc,
+    _udhcpd: KillOnDrop,
 }
 
 impl Lab {
     fn new(lease_s: u32) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let (pid, n) = (std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        let server = Netns::new(format!("cloister-net-{pid}-{n}-s"))?;
-        let client = Netns::new(format!("cloister-net-{pid}-{n}-c"))?;
+        let server = TestNetns::new(format!("cloister-net-{pid}-{n}-s"))?;
+        let client = TestNetns::new(format!("cloister-net-{pid}-{n}-c"))?;
         let (cif, sif) = (format!("cnc{}x{n}", pid % 100_000), format!("cns{}x{n}", pid % 100_000));
         server.exec(&[
             "ip",
@@ -134,11 +75,11 @@ impl Lab {
             .spawn()
             .context("start udhcpd")?;
         std::thread::sleep(Duration::from_millis(300));
-        Ok(Self { client, server, client_if: cif, mac, _dir: dir, _udhcpd: Proc(udhcpd) })
+        Ok(Self { client, server, client_if: cif, mac, _dir: dir, _udhcpd: KillOnDrop(udhcpd) })
     }
 
     /// Starts our client in the client namespace; its stdout lines arrive on the receiver.
-    fn start_client(&self, init: &Path) -> Result<(Proc, mpsc::Receiver<String>)> {
+    fn start_client(&self, init: &Path) -> Result<(KillOnDrop, mpsc::Receiver<String>)> {
         self.client.ensure_not_host()?;
         let args = serde_json::json!({"interface": self.client_if, "mac": self.mac}).to_string();
         let mut child = self
@@ -157,7 +98,7 @@ impl Lab {
                 }
             }
         });
-        Ok((Proc(child), rx))
+        Ok((KillOnDrop(child), rx))
     }
 }
 
@@ -185,7 +126,7 @@ struct Capture {
 }
 
 impl Capture {
-    fn start(ns: &Netns) -> Result<Self> {
+    fn start(ns: &TestNetns) -> Result<Self> {
         ns.ensure_not_host()?;
         let path = Path::new("/run/netns").join(&ns.name);
         let stop = Arc::new(AtomicBool::new(false));
