@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use cloister_proto::{marker, service_event};
-use cloister_qemu::{Accel, Console, Firmware, Network, Vm, VmConfig};
+use cloister_qemu::{Firmware, Vm, VmConfig};
 use cloister_tests::*;
 
 /// OVMF + UKI + kernel under TCG reach init in 15–21 s here; leave room for a loaded machine.
@@ -24,18 +24,8 @@ const TO_POWER_OFF: Duration = Duration::from_secs(120);
 const TO_SERVICES: Duration = Duration::from_secs(120);
 
 fn vm_config(image: &Path, work: &Path) -> Result<VmConfig> {
-    Ok(VmConfig {
-        image: image.to_path_buf(),
-        firmware: Firmware::find()?,
-        memory_mib: 1024,
-        accel: Accel::Auto,
-        cpus: 1,
-        network: Network::None,
-        console: Console::Captured,
-        work_dir: work.to_path_buf(),
-        extra_drives: Vec::new(),
-        snapshot: false,
-    })
+    // One vCPU: the end-to-end tests share a 2-core machine with each other.
+    Ok(VmConfig { cpus: 1, ..VmConfig::new(image, Firmware::find()?, work) })
 }
 
 #[test]

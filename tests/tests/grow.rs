@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cloister_proto::marker;
-use cloister_qemu::{Accel, Console, Firmware, Network, Vm, VmConfig};
+use cloister_qemu::{Firmware, Vm, VmConfig};
 use cloister_tests::*;
 
 const TO_PROMPT: Duration = Duration::from_secs(180);
@@ -22,17 +22,11 @@ const MIB: u64 = 1 << 20;
 const LUKS_OFFSET: u64 = 16 * MIB;
 
 fn vm_config(image: &Path, work: &Path, other: &Path) -> Result<VmConfig> {
+    // One vCPU, as the boot tests: they share a 2-core machine.
     Ok(VmConfig {
-        image: image.to_path_buf(),
-        firmware: Firmware::find()?,
-        memory_mib: 1024,
-        accel: Accel::Auto,
         cpus: 1,
-        network: Network::None,
-        console: Console::Captured,
-        work_dir: work.to_path_buf(),
         extra_drives: vec![other.to_path_buf()],
-        snapshot: false,
+        ..VmConfig::new(image, Firmware::find()?, work)
     })
 }
 
