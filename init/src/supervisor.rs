@@ -153,12 +153,11 @@ impl<'a> Supervisor<'a> {
         loop {
             self.start_due();
             let timeout = self.next_timeout();
-            let mut watched = Watched::default();
             let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
             for b in buttons {
                 fds.push(PollFd::new(b.as_fd(), PollFlags::POLLIN));
             }
-            self.add_fds(&mut fds, &mut watched);
+            self.add_fds(&mut fds);
             match poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
@@ -176,7 +175,8 @@ impl<'a> Supervisor<'a> {
                 return Outcome::PowerOff;
             }
             self.drain_outputs();
-            if let Some(outcome) = self.serve_control(&watched, &ready[1 + buttons.len()..]) {
+            let listener_ready = self.control.is_some() && ready.get(1 + buttons.len()) == Some(&true);
+            if let Some(outcome) = self.serve_control(listener_ready) {
                 return outcome;
             }
         }
@@ -206,15 +206,14 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Registers every descriptor worth waking for after the signalfd and buttons.
-    fn add_fds<'f>(&'f self, fds: &mut Vec<PollFd<'f>>, watched: &mut Watched) {
+    /// The control listener, when there is one, comes first.
+    fn add_fds<'f>(&'f self, fds: &mut Vec<PollFd<'f>>) {
         if let Some(l) = &self.control {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
-            watched.listener = true;
         }
         for c in &self.clients {
             fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
         }
-        watched.clients = self.clients.len();
         for u in &self.units {
             for lines in [&u.log, &u.status].into_iter().flatten() {
                 fds.push(PollFd::new(lines.file.as_fd(), PollFlags::POLLIN));
@@ -459,9 +458,9 @@ impl<'a> Supervisor<'a> {
 
     // ---- control socket ----
 
-    fn serve_control(&mut self, watched: &Watched, ready: &[bool]) -> Option<Outcome> {
-        let mut ready = ready.iter().copied();
-        if watched.listener && ready.next() == Some(true) {
+    /// Accepts new clients when the listener woke us, and reads every client (non-blocking).
+    fn serve_control(&mut self, listener_ready: bool) -> Option<Outcome> {
+        if listener_ready {
             self.accept();
         }
         let now = Instant::now();
@@ -610,12 +609,6 @@ impl<'a> Supervisor<'a> {
         }
         true
     }
-}
-
-#[derive(Default)]
-struct Watched {
-    listener: bool,
-    clients: usize,
 }
 
 impl Unit {
