@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod caps;
+pub mod chat;
 pub mod services;
 
 use std::fmt;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use chat::{ChatConfig, ChatUser, OnionConfig};
 pub use services::{ServiceConfig, Services};
 
 /// The embedded default config, shown to users and checked against [`Config::default`].
@@ -32,6 +34,8 @@ pub struct Config {
     pub system: SystemConfig,
     pub firewall: FirewallConfig,
     pub network: NetworkConfig,
+    pub onion: OnionConfig,
+    pub chat: ChatConfig,
     /// Enabled services only, shipped ones first; see [`services::merge`].
     pub services: Services,
 }
@@ -231,6 +235,8 @@ impl Default for Config {
             system: SystemConfig::default(),
             firewall: FirewallConfig::default(),
             network: NetworkConfig::default(),
+            onion: OnionConfig::default(),
+            chat: ChatConfig::default(),
             services: services::default_services(),
         }
     }
@@ -394,6 +400,8 @@ impl Config {
         }
         self.firewall.validate()?;
         self.network.to_plan()?;
+        self.onion.validate()?;
+        self.chat.validate()?;
         services::validate(&self.services)
     }
 }

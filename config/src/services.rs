@@ -41,6 +41,9 @@ pub struct ServiceConfig {
     pub writable: Vec<PathBuf>,
     pub tmpfs: Vec<PathBuf>,
     pub read_only: Vec<PathBuf>,
+    /// A private devpts instance on /dev/pts and /dev/ptmx, for a service that hands out
+    /// terminals (sshd).
+    pub devpts: bool,
     pub caps_bounding: Vec<String>,
     pub caps_ambient: Vec<String>,
     pub no_new_privs: bool,
@@ -95,6 +98,7 @@ impl Default for ServiceConfig {
             writable: Vec::new(),
             tmpfs: Vec::new(),
             read_only: Vec::new(),
+            devpts: false,
             caps_bounding: Vec::new(),
             caps_ambient: Vec::new(),
             no_new_privs: true,
@@ -188,16 +192,84 @@ impl From<Ready> for String {
     }
 }
 
-/// The services an image gets without a config; `default.toml` shows the same.
+/// The services an image gets without a config; `default.toml` shows the same. Start order
+/// follows `after`: ngircd, ircgate, sshd, bridge, tor (tor publishes the onion service last,
+/// once everything behind it answers).
 pub fn default_services() -> Services {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let paths = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+    let tcp = |port| Ready(Readiness::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
     let ngircd = ServiceConfig {
         exec: Some("/usr/sbin/ngircd".into()),
-        args: ["--nodaemon", "--config", "/etc/ngircd/ngircd.conf"].map(String::from).to_vec(),
+        args: strings(&["--nodaemon", "--config", "/etc/ngircd/ngircd.conf"]),
         user: Some("irc".into()),
-        ready: Ready(Readiness::Tcp(SocketAddr::from(([127, 0, 0, 1], 6667)))),
+        ready: tcp(6668),
         ..ServiceConfig::default()
     };
-    IndexMap::from([("ngircd".to_string(), ngircd)])
+    let ircgate = ServiceConfig {
+        exec: Some("/usr/lib/cloister/ircgate".into()),
+        args: strings(&[
+            "--listen",
+            "127.0.0.1:6667",
+            "--upstream",
+            "127.0.0.1:6668",
+            "--server-name",
+            "irc.cloister",
+        ]),
+        user: Some("cloister-ircgate".into()),
+        after: strings(&["ngircd"]),
+        ready: tcp(6667),
+        ..ServiceConfig::default()
+    };
+    let sshd = ServiceConfig {
+        exec: Some("/usr/sbin/sshd".into()),
+        args: strings(&["-D", "-e", "-f", "/etc/ssh/sshd_config"]),
+        user: Some("root".into()),
+        tmpfs: paths(&["/run/sshd"]),
+        read_only: paths(&["/run/cloister/sessions"]),
+        devpts: true,
+        // CAP_AUDIT_WRITE: Debian's sshd (built with Linux audit) ends a session whose login
+        // record the kernel refuses.
+        caps_bounding: strings(&[
+            "CAP_AUDIT_WRITE",
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FOWNER",
+            "CAP_KILL",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SYS_CHROOT",
+        ]),
+        after: strings(&["ircgate"]),
+        ready: tcp(22),
+        ..ServiceConfig::default()
+    };
+    let bridge = ServiceConfig {
+        exec: Some("/usr/lib/cloister/bridge".into()),
+        args: strings(&["--listen", "/var/lib/cloister/bridge/ssh.sock", "--connect", "127.0.0.1:22"]),
+        user: Some("cloister-bridge".into()),
+        writable: paths(&["/var/lib/cloister/bridge"]),
+        after: strings(&["sshd"]),
+        ready: Ready(Readiness::Unix("/var/lib/cloister/bridge/ssh.sock".into())),
+        ..ServiceConfig::default()
+    };
+    let tor = ServiceConfig {
+        exec: Some("/usr/bin/tor".into()),
+        args: strings(&["-f", "/etc/cloister/torrc", "--defaults-torrc", "/dev/null"]),
+        user: Some("debian-tor".into()),
+        groups: strings(&["cloister-bridge"]),
+        netns: NetNs::Host,
+        writable: paths(&["/var/lib/cloister/tor"]),
+        rlimits: RlimitsConfig { nofile: 8192, ..RlimitsConfig::default() },
+        after: strings(&["bridge"]),
+        ready: Ready(Readiness::File("/var/lib/cloister/tor/onion-ssh/hostname".into())),
+        ..ServiceConfig::default()
+    };
+    [("ngircd", ngircd), ("ircgate", ircgate), ("sshd", sshd), ("bridge", bridge), ("tor", tor)]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect()
 }
 
 /// `user`'s tables replace the shipped ones of the same name as a whole; disabled ones go.
@@ -266,6 +338,9 @@ fn check_service(s: &ServiceConfig) -> Result<(), (&'static str, String)> {
 }
 
 fn check_mounts(s: &ServiceConfig) -> Result<(), (&'static str, String)> {
+    if s.devpts && !s.namespaces.mount {
+        return Err(("devpts", "needs namespaces.mount = true (there is nothing to mount into)".into()));
+    }
     let lists = [("writable", &s.writable), ("tmpfs", &s.tmpfs), ("read_only", &s.read_only)];
     let mut seen = HashSet::new();
     for (key, list) in lists {
@@ -465,22 +540,26 @@ mod tests {
         }
     }
 
+    const SHIPPED: &[&str] = &["ngircd", "ircgate", "sshd", "bridge", "tor"];
     const IRC: &str = "[services.irc]\nexec = \"/usr/sbin/ngircd\"\nuser = \"irc\"\n";
 
     #[test]
     fn shipped_services_apply_without_a_services_table() {
         let c = parse("[image]\nsize_mib = 2048\n").unwrap();
-        assert_eq!(c.services.keys().collect::<Vec<_>>(), ["ngircd"]);
+        assert_eq!(c.services.keys().collect::<Vec<_>>(), SHIPPED);
         let n = &c.services["ngircd"];
         assert_eq!(n.user.as_deref(), Some("irc"));
-        assert_eq!(n.ready.0, Readiness::Tcp("127.0.0.1:6667".parse().unwrap()));
+        assert_eq!(n.ready.0, Readiness::Tcp("127.0.0.1:6668".parse().unwrap()));
+        assert_eq!(c.services["tor"].netns, NetNs::Host);
+        // Only tor lives in the machine's network namespace.
+        assert!(c.services.iter().all(|(name, s)| (s.netns == NetNs::Host) == (name == "tor")));
         assert_eq!(n.restart, cloister_plan::Restart::default());
     }
 
     #[test]
     fn minimal_service_gets_every_default() {
         let c = parse(IRC).unwrap();
-        assert_eq!(c.services.keys().collect::<Vec<_>>(), ["ngircd", "irc"]);
+        assert_eq!(c.services.keys().collect::<Vec<_>>(), [SHIPPED, &["irc"]].concat());
         let s = &c.services["irc"];
         let expected = ServiceConfig {
             exec: Some("/usr/sbin/ngircd".into()),
@@ -499,7 +578,7 @@ mod tests {
         let text = "[services.extra]\nexec = \"/bin/true\"\nuser = \"nobody\"\n\
                     [services.ngircd]\nexec = \"/usr/sbin/ngircd\"\nuser = \"nobody\"\n";
         let c = parse(text).unwrap();
-        assert_eq!(c.services.keys().collect::<Vec<_>>(), ["ngircd", "extra"]);
+        assert_eq!(c.services.keys().collect::<Vec<_>>(), [SHIPPED, &["extra"]].concat());
         let n = &c.services["ngircd"];
         assert_eq!(n.user.as_deref(), Some("nobody"));
         // Not merged key by key: the shipped args and readiness are gone.
@@ -509,10 +588,14 @@ mod tests {
 
     #[test]
     fn disabled_services_are_dropped() {
-        let c = parse("[services.ngircd]\nenabled = false\n").unwrap();
+        let all_off: String = SHIPPED.iter().map(|n| format!("[services.{n}]\nenabled = false\n")).collect();
+        let c = parse(&all_off).unwrap();
         assert!(c.services.is_empty());
-        let c = parse("[services.ngircd]\nenabled = false\n[services.x]\nenabled = false\n").unwrap();
+        let c = parse(&format!("{all_off}[services.x]\nenabled = false\n")).unwrap();
         assert!(c.services.is_empty());
+        // A service others wait for cannot go alone.
+        let e = err("[services.ngircd]\nenabled = false\n");
+        assert_eq!(e.key.as_deref(), Some("services.ircgate.after"), "{e}");
     }
 
     #[test]

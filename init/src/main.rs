@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod chat;
 mod clock;
 mod cmdline;
 mod console;
@@ -26,6 +27,7 @@ mod passphrase;
 mod power;
 mod root;
 mod sandbox;
+mod sessions;
 mod shutdown;
 mod stage1;
 mod stage2;

@@ -345,27 +345,36 @@ fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
         std::os::unix::fs::symlink(to, at("dev").join(link)).map_err(err("dev symlink"))?;
     }
     std::os::unix::fs::symlink("/proc/self/fd/2", at("dev").join("stderr")).map_err(err("dev symlink"))?;
+    if svc.mounts.devpts {
+        // A new instance: the service sees only the terminals it opened itself. gid 5 is tty.
+        std::fs::create_dir(at("dev/pts")).map_err(err("mkdir /dev/pts"))?;
+        // Not nodev: the terminals are device nodes on this very mount.
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        mount_fs("devpts", &at("dev/pts"), flags, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+        std::os::unix::fs::symlink("pts/ptmx", at("dev/ptmx")).map_err(err("dev symlink"))?;
+    }
     let noexec = hardened | MsFlags::MS_NOEXEC;
     mount_fs("tmpfs", &at("tmp"), noexec, Some("mode=1777,size=64m"))?;
     mount_fs("tmpfs", &at("run"), noexec, Some("mode=0755,size=16m"))?;
     for path in &svc.mounts.tmpfs {
         let opts = format!("mode=0700,uid={},gid={},size=64m", svc.uid, svc.gid);
-        mount_fs("tmpfs", &under(new_root, path)?, noexec, Some(&opts))?;
+        mount_fs("tmpfs", &under(new_root, path, true)?, noexec, Some(&opts))?;
     }
     for path in &svc.mounts.writable {
-        bind(path, &under(new_root, path)?, false, hardened)?;
+        bind(path, &under(new_root, path, path.is_dir())?, false, hardened)?;
     }
     for path in &svc.mounts.read_only {
-        bind(path, &under(new_root, path)?, true, hardened)?;
+        bind(path, &under(new_root, path, path.is_dir())?, true, hardened)?;
     }
     pivot_into(new_root)
 }
 
-/// `path` inside the new root, made if it is missing and the place is writable (a tmpfs).
-fn under(new_root: &Path, path: &Path) -> Result<PathBuf, StepError> {
+/// `path` inside the new root, made (a directory or an empty file) if it is missing and the
+/// place is writable (a tmpfs).
+fn under(new_root: &Path, path: &Path, dir: bool) -> Result<PathBuf, StepError> {
     let target = new_root.join(path.strip_prefix("/").unwrap_or(path));
     if !target.exists() {
-        if path.is_dir() {
+        if dir {
             std::fs::create_dir_all(&target)
         } else {
             target

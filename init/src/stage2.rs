@@ -93,6 +93,12 @@ fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>, Option<network::Uplink
     if let Some(up) = uplink.as_ref().filter(|u| u.mode == NetworkMode::Dhcp) {
         plan.services.insert(0, network::dhcp_service(up, Path::new(cloister_proto::STAGE2_PATH)));
     }
+    if let Some(chat) = &plan.chat {
+        // Not fatal: without a host key sshd fails alone and says why.
+        if let Ok(line) = steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)) {
+            say(&line);
+        }
+    }
     (plan, steps.records().to_vec(), uplink)
 }
 
@@ -135,6 +141,7 @@ fn empty_plan() -> Plan {
         services: Vec::new(),
         firewall: Default::default(),
         network: Default::default(),
+        chat: None,
     }
 }
 

@@ -31,6 +31,7 @@ use cloister_proto::{marker, service_event};
 use crate::control::{self, Client, Progress, Request};
 use crate::input;
 use crate::sandbox::{self, Launch};
+use crate::sessions::Sessions;
 use crate::system::StepRecord;
 
 /// Lines kept in memory for `log` (nothing goes to disk).
@@ -98,6 +99,10 @@ pub struct Supervisor<'a> {
     chat_netns: PathBuf,
     kmsg: Option<File>,
     network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
+    /// The onion address, once shown on the console.
+    onion: Option<String>,
+    /// The restricted shells' session socket, when the plan has chat users.
+    sessions: Option<Sessions>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -119,12 +124,20 @@ impl<'a> Supervisor<'a> {
             chat_netns: run_dir.join("netns").join(NetNs::Chat.name()),
             kmsg: None,
             network: None,
+            onion: None,
+            sessions: None,
         };
         if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
             sup.note(&format!("cloister: {}: {e}", run_dir.join("root").display()));
         }
         if let Err(e) = crate::netns::create(&sup.chat_netns) {
             sup.note(&format!("cloister: chat network namespace: {e}"));
+        }
+        if let Some(chat) = &sup.plan.chat {
+            match Sessions::open(&run_dir.join("sessions"), chat.gid) {
+                Ok(s) => sup.sessions = Some(s),
+                Err(e) => sup.note(&format!("cloister: session socket: {e}")),
+            }
         }
         match bind_control(&run_dir.join(cloister_plan::CONTROL_SOCKET)) {
             Ok(l) => sup.control = Some(l),
@@ -179,6 +192,16 @@ impl<'a> Supervisor<'a> {
             if let Some(outcome) = self.serve_control(listener_ready) {
                 return outcome;
             }
+            self.serve_sessions();
+        }
+    }
+
+    fn serve_sessions(&mut self) {
+        let Some(sessions) = self.sessions.as_mut() else { return };
+        let mut notes = Vec::new();
+        sessions.serve(&mut |line| notes.push(line.to_owned()));
+        for line in notes {
+            self.note(&line);
         }
     }
 
@@ -221,6 +244,9 @@ impl<'a> Supervisor<'a> {
         }
         if let Some(k) = &self.kmsg {
             fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
+        }
+        for fd in self.sessions.iter().flat_map(Sessions::fds) {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
     }
 
@@ -297,6 +323,19 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// Shows the onion address once tor has written it (tor's readiness is that file).
+    fn announce_onion(&mut self) {
+        let Some(chat) = self.plan.chat.as_ref().filter(|_| self.onion.is_none()) else { return };
+        match crate::chat::onion_address(&chat.onion_hostname) {
+            Ok(Some(addr)) => {
+                self.note(&format!("{} {addr}", marker::ONION_ADDRESS));
+                self.onion = Some(addr);
+            }
+            Ok(None) => {}
+            Err(e) => self.note(&format!("cloister: onion address: {e}")),
+        }
+    }
+
     fn deps_ready(&self, i: usize) -> bool {
         self.units[i].svc.after.iter().all(|dep| self.unit(dep).is_none_or(|u| u.state == State::Ready))
     }
@@ -369,6 +408,7 @@ impl<'a> Supervisor<'a> {
             let ms = unit.started.elapsed().as_millis();
             let stage = self.born.elapsed().as_millis();
             self.event(i, &format!("{} ({ms} ms, {stage} ms in stage 2)", service_event::READY));
+            self.announce_onion();
         } else {
             let ms = unit.svc.restart.ready_timeout_ms;
             if let Some(pid) = unit.pid {
@@ -743,7 +783,8 @@ impl Lines {
             if self.buf.first() == Some(&b'\n') {
                 self.buf.remove(0);
             }
-            out.push(printable(&line));
+            // sshd -e ends its lines with CRLF; the CR is line ending, not content.
+            out.push(printable(line.strip_suffix(b"\r").unwrap_or(&line)));
         }
         out
     }

@@ -57,6 +57,10 @@ pub struct SystemUser {
     pub gecos: String,
     /// Supplementary groups (must exist).
     pub groups: Vec<String>,
+    /// A crypt(3) hash for a login account; `None` locks the password (`!`).
+    pub password_hash: Option<String>,
+    /// `None`: nologin.
+    pub shell: Option<String>,
 }
 
 /// The users our packages need (tor, openssh-server); ngircd runs as base-passwd's `irc`.
@@ -70,6 +74,8 @@ pub fn package_users() -> Vec<SystemUser> {
             home: home.to_owned(),
             gecos: gecos.to_owned(),
             groups: Vec::new(),
+            password_hash: None,
+            shell: None,
         })
         .collect()
 }
@@ -143,14 +149,31 @@ impl Accounts {
         }
         self.users.push(PasswdEntry {
             name: u.name.clone(),
-            password: "!".into(),
+            password: u.password_hash.clone().unwrap_or_else(|| "!".into()),
             uid: u.uid,
             gid,
             gecos: u.gecos.clone(),
             home: u.home.clone(),
-            shell: NOLOGIN.into(),
+            shell: u.shell.clone().unwrap_or_else(|| NOLOGIN.into()),
         });
         Ok(())
+    }
+
+    /// A group without a user of its name (e.g. the chat users' primary group).
+    fn add_group(&mut self, name: &str, gid: u32) -> Result<(), UsersError> {
+        match self.groups.iter().find(|g| g.name == name || g.gid == gid) {
+            Some(g) if g.name == name && g.gid == gid => Ok(()),
+            Some(_) => Err(UsersError::Clash { name: name.to_owned(), id: gid }),
+            None => {
+                self.groups.push(GroupEntry {
+                    name: name.into(),
+                    password: "!".into(),
+                    gid,
+                    members: vec![],
+                });
+                Ok(())
+            }
+        }
     }
 
     pub fn passwd(&self) -> String {
@@ -172,9 +195,17 @@ impl Accounts {
 }
 
 /// Writes the account databases (base-passwd's masters, or a built-in minimum, plus
-/// [`package_users`] and `extra`), the identity files and the postinst-made directories.
-pub fn write_system_accounts(tree: &mut Tree, extra: &[SystemUser]) -> Result<Accounts, UsersError> {
+/// [`package_users`], the `groups` and the `extra` users), the identity files and the
+/// postinst-made directories.
+pub fn write_system_accounts(
+    tree: &mut Tree,
+    groups: &[(&str, u32)],
+    extra: &[SystemUser],
+) -> Result<Accounts, UsersError> {
     let mut acc = base_accounts(tree)?;
+    for (name, gid) in groups {
+        acc.add_group(name, *gid)?;
+    }
     for u in package_users().iter().chain(extra) {
         acc.add(u)?;
     }
@@ -295,7 +326,7 @@ mod tests {
     #[test]
     fn builtin_accounts_with_package_users() {
         let (_d, mut t) = tree();
-        let acc = write_system_accounts(&mut t, &[]).unwrap();
+        let acc = write_system_accounts(&mut t, &[], &[]).unwrap();
         let passwd = read(&t, "etc/passwd");
         check_db(&passwd, 7);
         check_db(&read(&t, "etc/group"), 4);
@@ -339,8 +370,24 @@ mod tests {
             home: "/nonexistent".into(),
             gecos: "".into(),
             groups: vec!["debian-tor".into()],
+            password_hash: None,
+            shell: None,
         };
-        let acc = write_system_accounts(&mut t, &[chat]).unwrap();
+        let alice = SystemUser {
+            name: "alice".into(),
+            uid: 2001,
+            primary_group: Some("chat".into()),
+            home: "/var/lib/cloister/home/alice".into(),
+            gecos: "".into(),
+            groups: vec![],
+            password_hash: Some("$6$salt$hash".into()),
+            shell: Some("/usr/lib/cloister/shell".into()),
+        };
+        let acc = write_system_accounts(&mut t, &[("chat", 2000)], &[chat, alice]).unwrap();
+        assert!(read(&t, "etc/passwd")
+            .contains("alice:x:2001:2000::/var/lib/cloister/home/alice:/usr/lib/cloister/shell\n"));
+        assert!(read(&t, "etc/shadow").contains("alice:$6$salt$hash:::::::\n"));
+        assert!(read(&t, "etc/group").contains("chat:x:2000:\n"));
         check_db(&read(&t, "etc/passwd"), 7);
         check_db(&read(&t, "etc/group"), 4);
         assert_eq!(acc.uid("www-data"), Some(33));
@@ -362,11 +409,11 @@ mod tests {
         let (_d, mut t) = tree();
         let mut u = package_users()[0].clone();
         u.name = "other".into();
-        let r = write_system_accounts(&mut t, &[u.clone()]);
+        let r = write_system_accounts(&mut t, &[], &[u.clone()]);
         assert!(matches!(r, Err(UsersError::Clash { id: 101, .. })), "{r:?}");
         u.uid = 120;
         u.primary_group = Some("missing".into());
-        assert!(matches!(write_system_accounts(&mut t, &[u]), Err(UsersError::NoGroup { .. })));
+        assert!(matches!(write_system_accounts(&mut t, &[], &[u]), Err(UsersError::NoGroup { .. })));
     }
 
     #[test]
@@ -382,7 +429,7 @@ mod tests {
         let victim = d.path().join("victim");
         fs::write(&victim, "safe").unwrap();
         t.insert("etc/passwd", Node::symlink(&victim)).unwrap();
-        write_system_accounts(&mut t, &[]).unwrap();
+        write_system_accounts(&mut t, &[], &[]).unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "safe");
         assert_eq!(t.get(Path::new("etc/passwd")).unwrap().kind, Kind::File);
     }

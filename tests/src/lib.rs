@@ -4,6 +4,9 @@
 //! image file, the serial console and QMP only.
 #![forbid(unsafe_code)]
 
+pub mod tools;
+pub mod tornet;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -85,6 +85,7 @@ fn plan_file() -> Result<Scratch> {
         services: vec![],
         firewall: FirewallPlan { tor_uid: Some(TOR_UID), ..FirewallPlan::default() },
         network: Default::default(),
+        chat: None,
     };
     let path = dir.path().join("plan.json");
     std::fs::write(&path, plan.to_json())?;

@@ -80,7 +80,12 @@ impl Scratch {
             env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("PROBE_NAME".into(), name.into())],
             workdir: "/".into(),
             namespaces: Namespaces::default(),
-            mounts: Mounts { writable: vec![self.path().into()], tmpfs: vec![], read_only: vec![probe_dir] },
+            mounts: Mounts {
+                writable: vec![self.path().into()],
+                tmpfs: vec![],
+                read_only: vec![probe_dir],
+                devpts: false,
+            },
             caps_bounding: vec![],
             caps_ambient: vec![],
             no_new_privs: true,
@@ -107,6 +112,7 @@ impl Scratch {
             services,
             firewall: Default::default(),
             network: Default::default(),
+            chat: None,
         };
         Supervisor::start(self, &plan)
     }

@@ -43,7 +43,20 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 
 pub fn compile_pipeline() -> Result<Binaries> {
     host::ensure(&[host::BUILD])?;
-    cargo(&["build", "--release", "--package", "cloister-init", "--package", "cloister-build"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "cloister-init",
+        "--package",
+        "cloister-build",
+        "--package",
+        "cloister-shell",
+        "--package",
+        "cloister-bridge",
+        "--package",
+        "cloister-ircgate",
+    ])?;
     let release = target_dir().join("release");
     Ok(Binaries { builder: release.join("cloister-build"), init: release.join("cloister-init") })
 }

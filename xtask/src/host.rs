@@ -36,6 +36,8 @@ pub const TEST: &[&str] = &[
     "busybox-static",
     "nftables",
     "bmap-tools",
+    // ssh to the appliance's onion service, and ssh-keygen in PID 1's unit tests.
+    "openssh-client",
 ];
 
 /// Test hook: a comma-separated list of packages to treat as missing, so the missing-package

@@ -14,6 +14,7 @@ mod run;
 mod test;
 #[cfg(test)]
 mod tidy;
+mod tornet;
 
 use std::process::ExitCode;
 

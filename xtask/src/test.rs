@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build, host};
+use crate::{build, host, tornet};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -50,14 +50,23 @@ pub fn test(args: &TestArgs) -> Result<()> {
     timings.push(("compile pipeline (release)", t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
-    let image = TestImage::build(&bins, args.reuse_image)?;
-    timings.push(("test image build (unprivileged)", t.elapsed().as_secs_f64()));
+    let tornet = tornet::prepare()?;
+    timings.push(("private Tor network keys", t.elapsed().as_secs_f64()));
 
     let t = Instant::now();
-    let env = image.env(&bins)?;
+    let image = TestImage::build(&bins, args.reuse_image, &tornet)?;
+    timings.push(("test image build (unprivileged)", t.elapsed().as_secs_f64()));
+
+    // Started once for the whole run; it bootstraps while the image checks and boots run.
+    let network = tornet::Running::start(&tornet)?;
+    let t = Instant::now();
+    let mut env = image.env(&bins)?;
+    env.push(("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    run_tests(&["--package", "cloister-tests"], args.filter.as_deref(), &env)?;
+    let result = run_tests(&["--package", "cloister-tests"], args.filter.as_deref(), &env);
     timings.push(("image checks + QEMU end to end", t.elapsed().as_secs_f64()));
+    network.stop();
+    result?;
     print_timings(&timings)
 }
 
@@ -115,7 +124,7 @@ struct TestImage {
 }
 
 impl TestImage {
-    fn build(bins: &build::Binaries, reuse: bool) -> Result<Self> {
+    fn build(bins: &build::Binaries, reuse: bool, tornet: &tornet::Prepared) -> Result<Self> {
         let dir = build::target_dir().join("test-image");
         let image = dir.join("disk.img");
         let passphrase_file = dir.join("passphrase");
@@ -131,12 +140,16 @@ impl TestImage {
         // A fresh random passphrase per run: it only ever exists in this file, which the tests
         // read and which lives in the test image's own directory.
         write_private(&passphrase_file, random_passphrase()?.as_bytes())?;
-        let config = build::workspace_root().join("tests").join("test-image.toml");
+        let config = write_test_config(&dir)?;
         let mut args: Vec<String> = vec!["--config".into(), config.display().to_string()];
         args.extend(["--output".into(), image.display().to_string()]);
         args.extend(["--passphrase-file".into(), passphrase_file.display().to_string()]);
         args.extend(["--list-files".into(), dir.join("files.jsonl").display().to_string()]);
         args.extend(TEST_KDF_ARGS.iter().map(|s| s.to_string()));
+        // A copy the unprivileged build can read: the network's own directory stays root's.
+        let torrc = dir.join("appliance-torrc");
+        std::fs::copy(&tornet.appliance_torrc, &torrc).context("copying the test network's torrc lines")?;
+        args.extend(["--test-tor-network".into(), torrc.display().to_string()]);
         run_builder(bins, &dir, &args)?;
         Ok(me)
     }
@@ -154,6 +167,49 @@ impl TestImage {
             ("CLOISTER_TEST_CACHE", UNPRIVILEGED_CACHE.into()),
         ])
     }
+}
+
+/// Chat accounts of the test image; each password is fresh per build and lives only in
+/// `chat-<name>` (0600) beside the passphrase file, the image holding just its hash.
+pub const CHAT_USERS: &[&str] = &["alice", "bob"];
+
+/// `tests/test-image.toml` plus the chat accounts, written into the test image's directory.
+fn write_test_config(dir: &Path) -> Result<PathBuf> {
+    let base = build::workspace_root().join("tests").join("test-image.toml");
+    let mut text =
+        std::fs::read_to_string(&base).with_context(|| format!("cannot read {}", base.display()))?;
+    text.push_str("\n# Added by cargo xtask test: fresh passwords, in chat-<name> beside the image.\n[chat]\nusers = [\n");
+    for name in CHAT_USERS {
+        let password = random_passphrase()?;
+        let password = password.trim_end();
+        write_private(&dir.join(format!("chat-{name}")), password.as_bytes())?;
+        text.push_str(&format!(
+            "    {{ name = \"{name}\", password_hash = \"{}\" }},\n",
+            crypt_hash(password)?
+        ));
+    }
+    text.push_str("]\n");
+    let config = dir.join("test-image.toml");
+    std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    Ok(config)
+}
+
+/// A SHA-512 crypt(3) hash by OpenSSL (a test host package), the password on stdin.
+fn crypt_hash(password: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["passwd", "-6", "-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run openssl passwd")?;
+    child.stdin.take().context("openssl stdin")?.write_all(format!("{password}\n").as_bytes())?;
+    let out = child.wait_with_output()?;
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || !hash.starts_with("$6$") {
+        bail!("openssl passwd -6 failed: {}", out.status);
+    }
+    Ok(hash)
 }
 
 fn random_passphrase() -> Result<String> {
@@ -174,26 +230,18 @@ fn run_builder(bins: &build::Binaries, dir: &Path, args: &[String]) -> Result<()
         std::fs::create_dir_all(&bin_dir)?;
         let builder = bin_dir.join("cloister-build");
         std::fs::copy(&bins.builder, &builder)?;
-        std::fs::copy(&bins.init, bin_dir.join("cloister-init"))?;
+        let release = bins.init.parent().unwrap_or(Path::new("."));
+        for bin in ["cloister-init", "cloister-shell", "cloister-bridge", "cloister-ircgate"] {
+            std::fs::copy(release.join(bin), bin_dir.join(bin))
+                .with_context(|| format!("cannot copy {bin} for the unprivileged build"))?;
+        }
         let cache = PathBuf::from(UNPRIVILEGED_CACHE);
         std::fs::create_dir_all(&cache)?;
-        let config_copy = dir.join("test-image.toml");
-        std::fs::copy(build::workspace_root().join("tests").join("test-image.toml"), &config_copy)?;
         chown_nobody(&[dir, &cache])?;
         let mut c = Command::new("setpriv");
         c.args(["--reuid", UNPRIVILEGED, "--regid", UNPRIVILEGED, "--clear-groups", "--"]);
         c.arg(&builder).arg("--cache-dir").arg(&cache);
         c.env("HOME", dir);
-        let args: Vec<String> =
-            args.iter()
-                .map(|a| {
-                    if a.ends_with("test-image.toml") {
-                        config_copy.display().to_string()
-                    } else {
-                        a.clone()
-                    }
-                })
-                .collect();
         c.args(args);
         c
     } else {

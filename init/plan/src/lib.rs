@@ -38,7 +38,26 @@ pub struct Plan {
     /// How the uplink gets its address; plans written before it existed get the default.
     #[serde(default)]
     pub network: NetworkPlan,
+    /// The onion chat's pieces PID 1 looks after; `None` when the image has no sshd.
+    #[serde(default)]
+    pub chat: Option<ChatPlan>,
 }
+
+/// What PID 1 does for the onion chat besides running its services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatPlan {
+    /// The chat users' group: only its members may use the session socket.
+    pub gid: u32,
+    /// sshd's ed25519 host key, made on first boot if missing (root, 0600).
+    pub ssh_host_key: PathBuf,
+    /// tor's `hostname` file of the onion service, shown on the console once it exists.
+    pub onion_hostname: PathBuf,
+}
+
+/// PID 1's socket for the restricted shell (one connection per login session).
+pub const SESSION_DIR: &str = "/run/cloister/sessions";
+pub const SESSION_SOCKET: &str = "/run/cloister/sessions/socket";
 
 /// The uplink's configuration, checked at build time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +193,9 @@ pub struct Mounts {
     pub tmpfs: Vec<PathBuf>,
     /// Bound read-only at the same path: things not on the root file system (tests, mostly).
     pub read_only: Vec<PathBuf>,
+    /// A private devpts instance (/dev/pts, /dev/ptmx): the service allocates terminals.
+    #[serde(default)]
+    pub devpts: bool,
 }
 
 /// `None` keeps the inherited limit.
@@ -318,6 +340,7 @@ mod tests {
         assert_eq!(plan.firewall, FirewallPlan::default());
         assert_eq!(plan.firewall.tor_uid, None);
         assert_eq!(plan.network, NetworkPlan::default());
+        assert_eq!(plan.chat, None);
         let back: Plan = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(back, plan);
     }

@@ -65,6 +65,10 @@ pub mod marker {
     pub const GROW_FAILED: &str = "cloister: grow: failed:";
     /// Printed instead of starting services when the firewall step failed.
     pub const SERVICES_HELD: &str = "cloister: services not started";
+    /// `cloister: ssh host key SHA256:<base64>[ (new)]`, before the services start.
+    pub const SSH_HOST_KEY: &str = "cloister: ssh host key";
+    /// `cloister: onion address <56 base32 characters>.onion`, once tor has made it.
+    pub const ONION_ADDRESS: &str = "cloister: onion address";
 }
 
 /// Argument that runs the supervisor outside an appliance (as PID 1 of a test's pid namespace):

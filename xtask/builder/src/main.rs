@@ -5,6 +5,7 @@
 //! final image appears atomically (temporary file, fsync, rename).
 #![forbid(unsafe_code)]
 
+mod chat;
 mod initrd;
 mod manifest;
 mod phases;
@@ -55,7 +56,12 @@ pub struct Args {
     /// Keep the work directory (staging tree, initramfs, UKI) after a successful build.
     #[arg(long)]
     pub keep_work: bool,
-    /// The appliance's PID 1 binary (xtask passes its fresh release build).
+    /// torrc lines that make the appliance's tor join a private test network (test images only:
+    /// must contain `TestingTorNetwork 1`; recorded in the manifest).
+    #[arg(long)]
+    pub test_tor_network: Option<PathBuf>,
+    /// The appliance's PID 1 binary (xtask passes its fresh release build); our other binaries
+    /// (shell, bridge, ircgate) are taken from the same directory.
     #[arg(long)]
     pub init_bin: Option<PathBuf>,
     /// Write one JSON line per file of the root (path, kind, mode, owner, target, sha256) for tests.

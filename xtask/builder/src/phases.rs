@@ -30,6 +30,8 @@ pub struct Plan {
     pub kdf: KdfParams,
     /// Human-readable list of test-only settings in force; empty for a production image.
     pub test_options: Vec<String>,
+    /// torrc lines of a private Tor network (test images only).
+    pub test_tor_network: Option<String>,
 }
 
 impl Plan {
@@ -55,6 +57,15 @@ impl Plan {
             kdf.parallel = 1;
             test_options.push(format!("kdf fixed at {it} iterations, 1 lane"));
         }
+        let test_tor_network = match &args.test_tor_network {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --test-tor-network {}", path.display()))?;
+                test_options.push("tor joins a private test network, never the real one".into());
+                Some(text)
+            }
+            None => None,
+        };
         let cache_dir = match &args.cache_dir {
             Some(dir) => dir.clone(),
             None => default_cache_dir()?,
@@ -70,6 +81,7 @@ impl Plan {
             list_files: args.list_files.clone(),
             kdf,
             test_options,
+            test_tor_network,
         })
     }
 }
@@ -198,6 +210,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             &plan.init_bin,
             &plan.cache_dir.join("data-tars"),
             &plan.config,
+            plan.test_tor_network.as_deref(),
         )
     })?;
     if let Some(list) = &plan.list_files {

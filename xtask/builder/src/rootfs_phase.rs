@@ -42,6 +42,7 @@ pub fn build(
     init_bin: &Path,
     tar_cache: &Path,
     config: &Config,
+    test_tor_network: Option<&str>,
 ) -> Result<Rootfs> {
     let mut tree = Tree::new(staging)?;
     deb::merged_usr(&mut tree)?;
@@ -53,13 +54,18 @@ pub fn build(
     }
     bar.finish();
     prune_documentation(&mut tree);
-    users::write_system_accounts(&mut tree, &[]).context("writing system accounts")?;
+    let (groups, extra_users) = crate::chat::accounts(config);
+    let accounts =
+        users::write_system_accounts(&mut tree, &groups, &extra_users).context("writing system accounts")?;
     for (dir, mode) in MOUNT_POINTS {
         tree.mkdir_p(Path::new(dir))?;
         if let Some(node) = tree.get_mut(Path::new(dir)) {
             node.mode = *mode;
         }
     }
+    let bin_dir = init_bin.parent().unwrap_or(Path::new("."));
+    crate::chat::install(config, &mut tree, &accounts, bin_dir, test_tor_network)
+        .context("writing the onion chat's configuration")?;
     crate::services::install(config, &mut tree).context("resolving services")?;
     install_init(&mut tree, init_bin)?;
     let kernel_version = modules::find_kernel_version(staging)?;
@@ -136,10 +142,14 @@ fn check_libraries(tree: &Tree, init_bin: &Path) -> Result<()> {
     }
     let libc = root.join("usr/lib/x86_64-linux-gnu/libc.so.6");
     let provided = elf::glibc_versions_provided(&libc)?;
-    let needed = elf::glibc_versions_needed(init_bin)?;
-    let newer: Vec<&String> = needed.difference(&provided).collect();
-    if !newer.is_empty() {
-        bail!("{} needs {newer:?}, which the image's glibc does not provide", init_bin.display());
+    let dir = init_bin.parent().unwrap_or(Path::new("."));
+    let ours = crate::chat::COMPANIONS.iter().map(|(file, _)| dir.join(file));
+    for bin in std::iter::once(init_bin.to_path_buf()).chain(ours) {
+        let needed = elf::glibc_versions_needed(&bin)?;
+        let newer: Vec<&String> = needed.difference(&provided).collect();
+        if !newer.is_empty() {
+            bail!("{} needs {newer:?}, which the image's glibc does not provide", bin.display());
+        }
     }
     Ok(())
 }

@@ -56,6 +56,17 @@ pub fn resolve(config: &Config, tree: &mut Tree, build_time_unix: u64) -> Result
         services,
         firewall: firewall_plan(config, &accounts)?,
         network: network_plan(config)?,
+        chat: chat_plan(config, &accounts),
+    })
+}
+
+/// The onion chat's pieces for PID 1, when the image runs sshd.
+fn chat_plan(config: &Config, acc: &Accounts) -> Option<cloister_plan::ChatPlan> {
+    config.services.get("sshd")?;
+    Some(cloister_plan::ChatPlan {
+        gid: acc.gid(crate::chat::CHAT_GROUP.0)?,
+        ssh_host_key: crate::chat::SSH_HOST_KEY.into(),
+        onion_hostname: crate::chat::ONION_HOSTNAME.into(),
     })
 }
 
@@ -145,6 +156,7 @@ fn resolve_service(name: &str, sc: &ServiceConfig, acc: &Accounts, tree: &mut Tr
             writable: sc.writable.clone(),
             tmpfs: sc.tmpfs.clone(),
             read_only: sc.read_only.clone(),
+            devpts: sc.devpts,
         },
         caps_bounding: sc.caps_bounding.clone(),
         caps_ambient: sc.caps_ambient.clone(),
@@ -228,7 +240,14 @@ fn writable(tree: &mut Tree, path: &Path, who: &Who) -> Result<(), String> {
     Ok(())
 }
 
+/// A directory in the image, or one below /run or /tmp, which every service gets as a fresh
+/// tmpfs of its own (the sandbox makes the mount point there).
 fn tmpfs(tree: &Tree, path: &Path) -> Result<(), String> {
+    if path.starts_with("/run") && path != Path::new("/run")
+        || path.starts_with("/tmp") && path != Path::new("/tmp")
+    {
+        return Ok(());
+    }
     match lookup(tree, path)? {
         Some((_, node)) if node.kind == Kind::Dir => Ok(()),
         Some(_) => Err(format!("{} is not a directory in the image", path.display())),
@@ -351,8 +370,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = Tree::new(dir.path().join("stage")).unwrap();
         let passwd = "root:x:0:0:root:/root:/bin/sh\nirc:x:39:39:ircd:/run/ircd:/usr/sbin/nologin\n\
-                      debian-tor:x:101:101::/var/lib/tor:/usr/sbin/nologin\n";
-        let group = "root:x:0:\nirc:x:39:\nadm:x:4:\ndebian-tor:x:101:\n";
+                      debian-tor:x:101:101::/var/lib/tor:/usr/sbin/nologin\n\
+                      cloister-bridge:x:110:110::/nonexistent:/usr/sbin/nologin\n\
+                      cloister-ircgate:x:111:111::/nonexistent:/usr/sbin/nologin\n";
+        let group = "root:x:0:\nirc:x:39:\nadm:x:4:\ndebian-tor:x:101:\ncloister-bridge:x:110:debian-tor\n\
+                     cloister-ircgate:x:111:\nchat:x:2000:\n";
+        for exe in ["usr/sbin/sshd", "usr/bin/tor", "usr/lib/cloister/bridge", "usr/lib/cloister/ircgate"] {
+            t.write_file(exe, b"\x7fELF", Node::file(0o755)).unwrap();
+        }
         t.write_file("etc/passwd", passwd.as_bytes(), Node::file(0o644)).unwrap();
         t.write_file("etc/group", group.as_bytes(), Node::file(0o644)).unwrap();
         t.insert("sbin", Node::symlink("usr/sbin")).unwrap();
@@ -391,8 +416,17 @@ mod tests {
         let n = plan.service("ngircd").unwrap();
         assert_eq!((n.uid, n.gid, n.exec.as_path()), (39, 39, Path::new("/usr/sbin/ngircd")));
         assert_eq!(n.args, ["--nodaemon", "--config", "/etc/ngircd/ngircd.conf"]);
-        assert_eq!(n.ready, cloister_plan::Readiness::Tcp("127.0.0.1:6667".parse().unwrap()));
+        assert_eq!(n.ready, cloister_plan::Readiness::Tcp("127.0.0.1:6668".parse().unwrap()));
         assert_eq!(n.rlimits, cloister_plan::Rlimits::default());
+        let order: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["ngircd", "ircgate", "sshd", "bridge", "tor"]);
+        let tor = plan.service("tor").unwrap();
+        assert_eq!(
+            (tor.uid, tor.groups.as_slice(), tor.namespaces.net),
+            (101, &[110][..], cloister_plan::NetNs::Host)
+        );
+        let chat = plan.chat.as_ref().unwrap();
+        assert_eq!((chat.gid, chat.ssh_host_key.as_path()), (2000, Path::new(crate::chat::SSH_HOST_KEY)));
         write_plan(&mut t, &plan).unwrap();
         let back = Plan::load(&t.host_path(Path::new("etc/cloister/plan.json"))).unwrap();
         assert_eq!(back, plan);
@@ -412,7 +446,7 @@ mod tests {
         let (_d, mut t) = image();
         let plan = resolve(&config(&text), &mut t, 1).unwrap();
         let order: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(order, ["ngircd", "c", "a", "b", "d"]);
+        assert_eq!(order, ["ngircd", "ircgate", "sshd", "bridge", "tor", "c", "a", "b", "d"]);
     }
 
     #[test]
@@ -520,8 +554,8 @@ restart = {{ max_exits = 2 }}
         assert!(e.starts_with("services.web.writable: /srv/data does not exist in the image"), "{e}");
         let e = fails(&format!("{WEB}writable = [\"/var/lib/cloister\"]\n"));
         assert!(e.starts_with("services.web.writable: /var/lib/cloister as a whole"), "{e}");
-        let e = fails(&format!("{WEB}tmpfs = [\"/run/ngircd\"]\n"));
-        assert!(e.starts_with("services.web.tmpfs: /run/ngircd does not exist in the image"), "{e}");
+        let e = fails(&format!("{WEB}tmpfs = [\"/srv/ngircd\"]\n"));
+        assert!(e.starts_with("services.web.tmpfs: /srv/ngircd does not exist in the image"), "{e}");
         let e = fails(&format!("{WEB}tmpfs = [\"/etc/passwd\"]\n"));
         assert_eq!(e, "services.web.tmpfs: /etc/passwd is not a directory in the image");
         let e = fails(&format!("{WEB}workdir = \"/home/irc\"\n"));

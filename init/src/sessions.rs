@@ -1,0 +1,255 @@
+//! The session socket (`/run/cloister/sessions/socket`): each login of a chat user holds one
+//! connection from its restricted shell for as long as the login lasts. Only members of the
+//! plan's chat group may connect (SO_PEERCRED); a second `hello` from a uid that already holds
+//! a session gets `busy`, and since the kernel closes the connection when the shell dies,
+//! however it dies, the lock can never go stale. Requests are single lines (protocol in
+//! `init/shell`'s crate docs and ARCHITECTURE.md); descriptors arrive with SCM_RIGHTS.
+//! Everything is non-blocking: PID 1 serves it from its poll loop.
+
+use std::io::{ErrorKind, IoSliceMut, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
+
+/// Longest request line; a longer one ends the connection.
+const MAX_LINE: usize = 1024;
+/// Connections at once (each is one login).
+const MAX_SESSIONS: usize = 256;
+
+pub struct Sessions {
+    listener: UnixListener,
+    gid: u32,
+    conns: Vec<Conn>,
+}
+
+struct Conn {
+    stream: UnixStream,
+    uid: u32,
+    buf: Vec<u8>,
+    /// Said `hello` and got `ok`: this connection is the uid's session.
+    holds: bool,
+    /// Descriptors that came with the bytes in `buf`, for the request they belong to.
+    fds: Vec<OwnedFd>,
+}
+
+/// One request, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Hello,
+    Chat { term: String, lang: String },
+    Passwd,
+}
+
+impl Sessions {
+    /// Makes `dir` (0755, so that sshd's namespace can bind it) and the socket (0666: the peer's
+    /// credentials decide) inside it.
+    pub fn open(dir: &Path, gid: u32) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.join("socket");
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener, gid, conns: Vec::new() })
+    }
+
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        std::iter::once(self.listener.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd()))
+    }
+
+    /// Accepts, reads and answers whatever is there now; `note` logs refusals and sessions.
+    pub fn serve(&mut self, note: &mut dyn FnMut(&str)) {
+        self.accept(note);
+        let mut conns = std::mem::take(&mut self.conns);
+        conns.retain_mut(|c| match c.receive() {
+            Ok(open) => open,
+            Err(e) => {
+                note(&format!("cloister: session of uid {}: {e}", c.uid));
+                false
+            }
+        });
+        for i in 0..conns.len() {
+            while let Some(line) = conns[i].take_line() {
+                let answer = match parse(&line) {
+                    Ok(Request::Hello) => hello(&conns, i, note),
+                    Ok(Request::Chat { .. }) => "error the chat client is not available on this build".into(),
+                    Ok(Request::Passwd) => "error changing passwords is not available on this build".into(),
+                    Err(why) => format!("error {why}"),
+                };
+                conns[i].fds.clear();
+                conns[i].holds |= answer == "ok";
+                conns[i].send(&answer);
+            }
+        }
+        let before = conns.len();
+        conns.retain(|c| c.buf.len() <= MAX_LINE);
+        if conns.len() < before {
+            note("cloister: session: request line too long; connection closed");
+        }
+        self.conns = conns;
+    }
+
+    fn accept(&mut self, note: &mut dyn FnMut(&str)) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let Ok(cred) = getsockopt(&stream, PeerCredentials) else { continue };
+            if cred.gid() != self.gid || self.conns.len() >= MAX_SESSIONS {
+                note(&format!("cloister: session: refused uid {} gid {}", cred.uid(), cred.gid()));
+                continue;
+            }
+            if stream.set_nonblocking(true).is_ok() {
+                let uid = cred.uid();
+                self.conns.push(Conn { stream, uid, buf: Vec::new(), holds: false, fds: Vec::new() });
+            }
+        }
+    }
+}
+
+/// `ok` unless another connection of the same uid holds the session.
+fn hello(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
+    let uid = conns[i].uid;
+    if conns.iter().enumerate().any(|(j, c)| j != i && c.uid == uid && c.holds) {
+        note(&format!("cloister: session: uid {uid} is already logged in"));
+        return "busy".into();
+    }
+    "ok".into()
+}
+
+fn parse(line: &str) -> Result<Request, String> {
+    let mut words = line.split(' ');
+    match words.next() {
+        Some("hello") if words.next().is_none() => Ok(Request::Hello),
+        Some("passwd") if words.next().is_none() => Ok(Request::Passwd),
+        Some("chat") => {
+            let (mut term, mut lang) = (None, None);
+            for w in words {
+                match w.split_once('=') {
+                    Some(("TERM", v)) if term.is_none() => term = Some(v.to_owned()),
+                    Some(("LANG", v)) if lang.is_none() => lang = Some(v.to_owned()),
+                    _ => return Err("chat takes TERM=<term> LANG=<lang>".into()),
+                }
+            }
+            match (term, lang) {
+                (Some(term), Some(lang)) => Ok(Request::Chat { term, lang }),
+                _ => Err("chat takes TERM=<term> LANG=<lang>".into()),
+            }
+        }
+        _ => Err("unknown request".into()),
+    }
+}
+
+impl Conn {
+    /// Reads what is there (bytes and descriptors); `Ok(false)` once the peer has closed.
+    fn receive(&mut self) -> Result<bool, String> {
+        loop {
+            let mut chunk = [0u8; 512];
+            let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+            let mut iov = [IoSliceMut::new(&mut chunk)];
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            let msg = match recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(true),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            let n = msg.bytes;
+            for c in msg.cmsgs().map_err(|e| e.to_string())? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    self.fds.extend(fds.into_iter().map(crate::sys::own_received_fd));
+                }
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if self.buf.len() > MAX_LINE {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn take_line(&mut self) -> Option<String> {
+        let end = self.buf.iter().position(|&b| b == b'\n')?;
+        let line: Vec<u8> = self.buf.drain(..=end).collect();
+        Some(String::from_utf8_lossy(&line[..end]).into_owned())
+    }
+
+    fn send(&mut self, answer: &str) {
+        let _ = self.stream.set_write_timeout(Some(Duration::from_millis(200)));
+        let _ = self.stream.write_all(format!("{answer}\n").as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(parse("hello"), Ok(Request::Hello));
+        assert_eq!(parse("passwd"), Ok(Request::Passwd));
+        assert_eq!(
+            parse("chat TERM=xterm LANG=C.UTF-8"),
+            Ok(Request::Chat { term: "xterm".into(), lang: "C.UTF-8".into() })
+        );
+        for bad in
+            ["", "hello x", "chat", "chat TERM=a", "chat TERM=a TERM=b", "chat TERM=a LANG=b X=c", "id"]
+        {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The group check needs our own gid; the lock is per uid and dies with the connection.
+    #[test]
+    fn second_hello_of_a_uid_is_busy_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let gid = nix::unistd::getegid().as_raw();
+        let mut s = Sessions::open(&dir.path().join("sessions"), gid).unwrap();
+        let mut notes = Vec::new();
+        let mut say = |n: &str| notes.push(n.to_string());
+        let path = dir.path().join("sessions/socket");
+        let ask = |c: &mut UnixStream, s: &mut Sessions, say: &mut dyn FnMut(&str), line: &str| {
+            c.write_all(format!("{line}\n").as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            s.serve(say);
+            let mut answer = String::new();
+            BufReader::new(c.try_clone().unwrap()).read_line(&mut answer).unwrap();
+            answer
+        };
+        let mut first = UnixStream::connect(&path).unwrap();
+        assert_eq!(ask(&mut first, &mut s, &mut say, "hello"), "ok\n");
+        let mut second = UnixStream::connect(&path).unwrap();
+        assert_eq!(ask(&mut second, &mut s, &mut say, "hello"), "busy\n");
+        assert!(ask(&mut second, &mut s, &mut say, "rm -rf /").starts_with("error unknown request"));
+        drop(first);
+        std::thread::sleep(Duration::from_millis(20));
+        s.serve(&mut say);
+        assert_eq!(ask(&mut second, &mut s, &mut say, "hello"), "ok\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666);
+    }
+
+    #[test]
+    fn other_groups_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_ours = nix::unistd::getegid().as_raw().wrapping_add(4242);
+        let mut s = Sessions::open(dir.path(), not_ours).unwrap();
+        let mut c = UnixStream::connect(dir.path().join("socket")).unwrap();
+        let mut notes = Vec::new();
+        s.serve(&mut |n: &str| notes.push(n.to_string()));
+        // Already closed: the write fails or the read sees the end, and no answer ever comes.
+        let _ = c.write_all(b"hello\n");
+        let mut buf = String::new();
+        assert!(matches!(BufReader::new(c).read_line(&mut buf), Ok(0) | Err(_)), "{buf:?}");
+        assert!(buf.is_empty());
+        assert!(notes.iter().any(|n| n.contains("refused uid")), "{notes:?}");
+    }
+}

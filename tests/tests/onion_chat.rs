@@ -1,0 +1,307 @@
+//! The appliance's one way in, end to end: the test image boots on a tap bridged into the private
+//! Tor network's namespace (started once per run by `cargo xtask test`, `CLOISTER_TORNET_DIR`),
+//! takes a lease, publishes its onion service through that network, and a user logs in with
+//! OpenSSH's client through the network's tor client: tor -> bridge -> sshd -> restricted shell.
+//! Every tor and ssh client runs inside that namespace, which has no route out. The VM boots
+//! once and runs every scenario.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cloister_proto::marker;
+use cloister_qemu::{Firmware, Network, Vm, VmConfig};
+use cloister_tests::*;
+
+const TAP: &str = "ctap-onion";
+const TO_UNLOCK: Duration = Duration::from_secs(240);
+/// The network bootstraps while other tests run; this bounds the wait if it has not yet.
+const TO_NETWORK: Duration = Duration::from_secs(600);
+const TO_ONION: Duration = Duration::from_secs(600);
+/// First login: the appliance's tor must bootstrap under TCG and publish its descriptor.
+const TO_FIRST_LOGIN: Duration = Duration::from_secs(900);
+
+struct Net {
+    netns: String,
+    socks: String,
+}
+
+#[test]
+fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Result<()> {
+    let Some(e2e) = E2e::from_env("onion-chat") else { return Ok(()) };
+    let net_dir =
+        PathBuf::from(std::env::var_os("CLOISTER_TORNET_DIR").context("CLOISTER_TORNET_DIR unset")?);
+    let net = timed("private Tor network ready", || wait_network(&net_dir))?;
+    let dir = e2e.scratch("onion-chat")?;
+    let disk = dir.join("disk.img");
+    sparse_copy(&e2e.image, &disk)?;
+    netns_run(&net.netns, &["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+    let _tap = TapGuard(net.netns.clone());
+    netns_run(&net.netns, &["ip", "link", "set", TAP, "master", "tornet0", "up"])?;
+    let _udhcpd = start_udhcpd(&net.netns, &dir)?;
+    let config = VmConfig {
+        cpus: 1,
+        network: Network::Tap { netns: net.netns.clone(), tap: TAP.into(), mac: None },
+        ..VmConfig::new(&disk, Firmware::find()?, &dir)
+    };
+    let vm = Vm::start(config)?;
+    let (host_key, onion) = timed("unlock, host key, onion address", || {
+        vm.wait_for(marker::PASSPHRASE_PROMPT, TO_UNLOCK)?;
+        vm.type_line(&e2e.passphrase()?)?;
+        let key = vm.wait_for(marker::SSH_HOST_KEY, TO_UNLOCK)?;
+        let onion = vm.wait_for(marker::ONION_ADDRESS, TO_ONION)?;
+        Ok((word_after(&key, marker::SSH_HOST_KEY)?, word_after(&onion, marker::ONION_ADDRESS)?))
+    })?;
+    let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images: e2e.image.parent().context("image dir")? };
+    let first = timed("first login through the onion service", || ssh.first_login("alice"))?;
+    ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
+    let known = ssh.known_host_fingerprint()?;
+    ensure!(known == host_key, "host key {known} is not the console's {host_key}");
+    scenarios(&ssh)?;
+    timed("power button powers off", || {
+        vm.power_button()?;
+        vm.wait_for(marker::POWER_OFF, Duration::from_secs(180))?;
+        Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
+    })?;
+    drop(vm);
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// Everything else on the same VM: each refusal leaves the service working for the next.
+fn scenarios(ssh: &Ssh) -> Result<()> {
+    timed("a command instead of the shell is refused", || {
+        let out = ssh.run("bob", &["id"], "")?;
+        let text = both(&out);
+        ensure!(!out.status.success() && text.contains("this account is for chat only"), "{text}");
+        ensure!(!text.contains("uid="), "a command ran: {text}");
+        Ok(())
+    })?;
+    timed("port forwarding and subsystems are refused", || {
+        let out = ssh.run("bob", &["-W", "127.0.0.1:6667"], "")?;
+        ensure!(!out.status.success(), "stdio forwarding worked: {}", both(&out));
+        let out = ssh.run("bob", &["-s", "sftp"], "")?;
+        ensure!(!out.status.success() && !both(&out).contains("uid="), "sftp: {}", both(&out));
+        Ok(())
+    })?;
+    timed("shell metacharacters are words, not commands", || {
+        let out = ssh.session("bob", "$(id);id|id`id`\nhelp\nexit\n")?;
+        let text = both(&out);
+        ensure!(text.contains("unknown command: ") && !text.contains("uid="), "{text}");
+        ensure!(text.contains("bye"), "the shell did not survive: {text}");
+        Ok(())
+    })?;
+    timed("a second login of the same user is refused while the first is open", || {
+        let mut first = ssh.spawn_session("bob")?;
+        let stdin = first.stdin.as_mut().context("stdin")?;
+        stdin.write_all(b"help\n")?;
+        // The first session holds the lock once its help text is back; then try the second.
+        let second = retry_until(Duration::from_secs(120), || {
+            let out = ssh.session("bob", "exit\n")?;
+            let text = both(&out);
+            if text.contains("already logged in elsewhere") {
+                Ok(Some(text))
+            } else {
+                Ok(None)
+            }
+        })?;
+        ensure!(second.contains("already logged in elsewhere"), "{second}");
+        let _ = first.kill();
+        let _ = first.wait();
+        Ok(())
+    })?;
+    Ok(())
+}
+
+struct Ssh<'a> {
+    net: &'a Net,
+    dir: &'a Path,
+    onion: &'a str,
+    /// The test image's directory, where `chat-<user>` holds each test password.
+    images: &'a Path,
+}
+
+impl Ssh<'_> {
+    /// `ssh` inside the network's namespace, through its tor client, trusting only its own
+    /// known_hosts file and typing the password from the user's file (askpass).
+    fn command(&self, user: &str, extra: &[&str]) -> Result<Command> {
+        let askpass = self.dir.join(format!("askpass-{user}"));
+        if !askpass.exists() {
+            let pw = self.images.join(format!("chat-{user}"));
+            std::fs::write(&askpass, format!("#!/bin/sh\ncat '{}'\n", pw.display()))?;
+            std::os::unix::fs::PermissionsExt::set_mode(
+                &mut std::fs::metadata(&askpass)?.permissions(),
+                0o700,
+            );
+            std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
+        let proxy = format!("{} {} %h %p", env!("CARGO_BIN_EXE_socks_connect"), self.net.socks);
+        let known = self.dir.join("known_hosts");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.net.netns, "ssh", "-F", "/dev/null"]);
+        for o in [
+            format!("ProxyCommand={proxy}"),
+            format!("UserKnownHostsFile={}", known.display()),
+            "StrictHostKeyChecking=accept-new".into(),
+            "CheckHostIP=no".into(),
+            "PreferredAuthentications=password".into(),
+            "PubkeyAuthentication=no".into(),
+            "NumberOfPasswordPrompts=1".into(),
+            "ConnectTimeout=120".into(),
+            "ServerAliveInterval=30".into(),
+            "LogLevel=ERROR".into(),
+        ] {
+            c.arg("-o").arg(o);
+        }
+        c.args(extra).arg(format!("{user}@{}", self.onion));
+        c.env("SSH_ASKPASS", &askpass).env("SSH_ASKPASS_REQUIRE", "force").env("DISPLAY", ":0");
+        c.env_remove("SSH_AUTH_SOCK");
+        Ok(c)
+    }
+
+    fn run(&self, user: &str, extra: &[&str], input: &str) -> Result<Output> {
+        let child = self
+            .command(user, extra)?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        finish(child, input, Duration::from_secs(300))
+    }
+
+    /// An interactive session (a remote terminal) fed `input`.
+    fn session(&self, user: &str, input: &str) -> Result<Output> {
+        self.run(user, &["-tt"], input)
+    }
+
+    fn spawn_session(&self, user: &str) -> Result<std::process::Child> {
+        Ok(self
+            .command(user, &["-tt"])?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    /// Retries until the onion service answers (descriptor published, circuits built).
+    fn first_login(&self, user: &str) -> Result<String> {
+        let started = Instant::now();
+        retry_until(TO_FIRST_LOGIN, || {
+            let out = self.session(user, "help\nexit\n")?;
+            let text = both(&out);
+            if text.contains("bye") {
+                eprintln!("first login after {:.0} s", started.elapsed().as_secs_f64());
+                return Ok(Some(text));
+            }
+            eprintln!(
+                "not yet ({:.0} s): {}",
+                started.elapsed().as_secs_f64(),
+                text.lines().last().unwrap_or("")
+            );
+            Ok(None)
+        })
+    }
+
+    fn known_host_fingerprint(&self) -> Result<String> {
+        let out = run(Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-E")
+            .arg("sha256")
+            .arg("-f")
+            .arg(self.dir.join("known_hosts")))?;
+        let text = stdout(&out);
+        Ok(text.split_whitespace().nth(1).context("no fingerprint in known_hosts")?.to_string())
+    }
+}
+
+fn finish(mut child: std::process::Child, input: &str, timeout: Duration) -> Result<Output> {
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+        // Keep stdin open briefly so that a remote terminal reads the input before EOF.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(20));
+            drop(stdin);
+        });
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("ssh did not finish within {timeout:?}: {}", both(&child.wait_with_output()?));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn retry_until<T>(timeout: Duration, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = attempt()? {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "gave up after {timeout:?}");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+fn both(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn word_after(line: &str, prefix: &str) -> Result<String> {
+    let rest = line.split(prefix).nth(1).with_context(|| format!("{prefix:?} not in {line:?}"))?;
+    Ok(rest.split_whitespace().next().context("nothing after the marker")?.to_string())
+}
+
+/// The network's namespace and SOCKS address once `tornet run` says it is ready.
+fn wait_network(dir: &Path) -> Result<Net> {
+    let deadline = Instant::now() + TO_NETWORK;
+    while !dir.join("ready").exists() {
+        ensure!(Instant::now() < deadline, "the private Tor network in {} was not ready", dir.display());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let netns = std::fs::read_to_string(dir.join("netns"))?.trim().to_string();
+    ensure!(netns.starts_with("cloister-"), "unexpected namespace name {netns:?}");
+    Ok(Net { netns, socks: format!("127.0.0.1:{}", cloister_tests::tornet::SOCKS_PORT) })
+}
+
+fn netns_run(netns: &str, argv: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(["netns", "exec", netns]).args(argv))
+}
+
+/// Removes the tap from the shared namespace when the test ends.
+struct TapGuard(String);
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "exec", &self.0, "ip", "link", "del", TAP]).status();
+    }
+}
+
+/// busybox udhcpd on the network's bridge: addresses above the nodes', no router (the relays
+/// are on the link, and nothing else exists).
+fn start_udhcpd(netns: &str, dir: &Path) -> Result<KillOnDrop> {
+    let conf = dir.join("udhcpd.conf");
+    let d = dir.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.77.0.100\nend 10.77.0.120\ninterface tornet0\nlease_file {d}/leases\n\
+             pidfile {d}/udhcpd.pid\nopt subnet 255.255.255.0\nopt lease 600\n"
+        ),
+    )?;
+    std::fs::write(dir.join("leases"), b"")?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "udhcpd", "-f"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start udhcpd")?;
+    Ok(KillOnDrop(child))
+}

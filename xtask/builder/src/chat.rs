@@ -1,0 +1,326 @@
+//! The onion chat's configuration, written where the packages read it: tor's torrc (from
+//! `[onion]` and `[firewall]`), sshd_config, ngircd.conf, the accounts (our services' system
+//! users, the `chat` group and the chat users of `[chat]` with their homes) and our own
+//! binaries beside PID 1. Each file is a pure function of the config, tested as text.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use cloister_config::Config;
+use cloister_rootfs::tree::{Node, Tree};
+use cloister_rootfs::users::{Accounts, SystemUser};
+
+/// The chat users' primary group: PID 1's session socket and sshd's `AllowGroups` admit it.
+pub const CHAT_GROUP: (&str, u32) = ("chat", 2000);
+/// Chat users get uids from here on, in config order.
+const FIRST_CHAT_UID: u32 = 2001;
+/// Our helpers' system users, each with a group of its own.
+const SYSTEM_USERS: &[(&str, u32)] = &[("cloister-bridge", 110), ("cloister-ircgate", 111)];
+/// Our binaries besides PID 1: (file name in the build's output directory, path in the image).
+pub const COMPANIONS: &[(&str, &str)] = &[
+    ("cloister-shell", "/usr/lib/cloister/shell"),
+    ("cloister-bridge", "/usr/lib/cloister/bridge"),
+    ("cloister-ircgate", "/usr/lib/cloister/ircgate"),
+];
+const SHELL: &str = "/usr/lib/cloister/shell";
+const HOMES: &str = "/var/lib/cloister/home";
+pub const TORRC: &str = "/etc/cloister/torrc";
+const TOR_DATA: &str = "/var/lib/cloister/tor";
+const ONION_DIR: &str = "/var/lib/cloister/tor/onion-ssh";
+pub const ONION_HOSTNAME: &str = "/var/lib/cloister/tor/onion-ssh/hostname";
+const BRIDGE_SOCKET: &str = "/var/lib/cloister/bridge/ssh.sock";
+pub const SSH_HOST_KEY: &str = "/var/lib/cloister/ssh/ssh_host_ed25519_key";
+/// Lines only a private test network may use; a production torrc never holds one.
+pub const TEST_NETWORK_KEYS: &[&str] = &["TestingTorNetwork", "DirAuthority", "AlternateDirAuthority"];
+
+/// Groups and users to add to the image's account databases.
+pub fn accounts(config: &Config) -> (Vec<(&'static str, u32)>, Vec<SystemUser>) {
+    let system = SYSTEM_USERS.iter().map(|&(name, uid)| SystemUser {
+        name: name.into(),
+        uid,
+        primary_group: None,
+        home: "/nonexistent".into(),
+        gecos: String::new(),
+        groups: Vec::new(),
+        password_hash: None,
+        shell: None,
+    });
+    let chat = config.chat.users.iter().zip(FIRST_CHAT_UID..).map(|(u, uid)| SystemUser {
+        name: u.name.clone(),
+        uid,
+        primary_group: Some(CHAT_GROUP.0.into()),
+        home: format!("{HOMES}/{}", u.name),
+        gecos: String::new(),
+        groups: Vec::new(),
+        password_hash: Some(u.password_hash.clone()),
+        shell: Some(SHELL.into()),
+    });
+    (vec![CHAT_GROUP], system.chain(chat).collect())
+}
+
+/// Writes the configuration files, the onion service's client keys, the chat users' homes and
+/// our binaries from `bin_dir`.
+pub fn install(
+    config: &Config,
+    tree: &mut Tree,
+    acc: &Accounts,
+    bin_dir: &Path,
+    test_network: Option<&str>,
+) -> Result<()> {
+    let write = |tree: &mut Tree, path: &str, text: String| -> Result<()> {
+        let rel = path.trim_start_matches('/');
+        tree.remove(Path::new(rel));
+        tree.write_file(rel, text.as_bytes(), Node::file(0o644)).with_context(|| format!("writing {path}"))
+    };
+    write(tree, TORRC, torrc(config, test_network)?)?;
+    write(tree, "/etc/ssh/sshd_config", sshd_config(config))?;
+    write(tree, "/etc/ngircd/ngircd.conf", ngircd_conf())?;
+    authorized_clients(config, tree, acc)?;
+    let homes = Path::new(HOMES.trim_start_matches('/'));
+    tree.mkdir_p(homes)?;
+    if let Some(node) = tree.get_mut(homes) {
+        node.mode = 0o711;
+    }
+    for (u, uid) in config.chat.users.iter().zip(FIRST_CHAT_UID..) {
+        tree.insert(homes.join(&u.name), Node::dir(0o700).owned(uid, CHAT_GROUP.1))?;
+    }
+    for (file, path) in COMPANIONS {
+        let from = bin_dir.join(file);
+        let bytes = std::fs::read(&from)
+            .with_context(|| format!("cannot read {} (built with the workspace)", from.display()))?;
+        tree.write_file(path.trim_start_matches('/'), &bytes, Node::file(0o755))?;
+    }
+    Ok(())
+}
+
+/// tor reads client authorisation keys from `authorized_clients/*.auth` in the service's
+/// directory; the build makes that directory (tor adds its own keys on first boot).
+fn authorized_clients(config: &Config, tree: &mut Tree, acc: &Accounts) -> Result<()> {
+    let tor = &config.firewall.tor_user;
+    let (uid, gid) = acc
+        .user(tor)
+        .map(|u| (u.uid, u.gid))
+        .with_context(|| format!("firewall.tor_user: no user {tor:?} in the image"))?;
+    let mut dir = std::path::PathBuf::new();
+    for part in [TOR_DATA, ONION_DIR, &format!("{ONION_DIR}/authorized_clients")] {
+        dir = Path::new(part.trim_start_matches('/')).to_path_buf();
+        if tree.get(&dir).is_none() {
+            tree.mkdir_p(&dir)?;
+        }
+        if let Some(node) = tree.get_mut(&dir) {
+            (node.mode, node.uid, node.gid) = (0o700, uid, gid);
+        }
+    }
+    for (i, key) in config.onion.authorized_clients.iter().enumerate() {
+        let file = dir.join(format!("client-{}.auth", i + 1));
+        tree.write_file(&file, format!("{key}\n").as_bytes(), Node::file(0o600).owned(uid, gid))?;
+    }
+    Ok(())
+}
+
+/// tor as a client that reaches only the firewall's relay ports, with one onion service whose
+/// port leads to the bridge's unix socket. No SOCKS, DNS, transparent or control port: nothing
+/// on the appliance uses tor as a client. `test_network`: a private network's lines (tests).
+pub fn torrc(config: &Config, test_network: Option<&str>) -> Result<String> {
+    let onion = &config.onion;
+    let reachable: Vec<String> =
+        config.firewall.relay_ports.iter().map(|p| format!("accept *:{p}")).collect();
+    let mut t = String::from("# Written by cloister-build from cloister.toml ([onion], [firewall]).\n");
+    let mut line = |l: String| {
+        t.push_str(&l);
+        t.push('\n');
+    };
+    for l in [
+        format!("DataDirectory {TOR_DATA}"),
+        "SocksPort 0".into(),
+        "ControlPort 0".into(),
+        "DNSPort 0".into(),
+        "TransPort 0".into(),
+        "ClientOnly 1".into(),
+        "Sandbox 1".into(),
+        "AvoidDiskWrites 1".into(),
+        "SafeLogging 1".into(),
+        "Log notice stderr".into(),
+        // The firewall lets tor out to these ports only; asking for others would just time out.
+        format!("ReachableAddresses {}, reject *:*", reachable.join(", ")),
+        format!("ClientUseIPv6 {}", u8::from(config.firewall.allow_ipv6)),
+        format!("HiddenServiceDir {ONION_DIR}"),
+        "HiddenServiceVersion 3".into(),
+        format!("HiddenServicePort {} unix:{BRIDGE_SOCKET}", onion.ssh_port),
+        format!("HiddenServiceMaxStreams {}", onion.max_streams),
+        "HiddenServiceMaxStreamsCloseCircuit 1".into(),
+        "HiddenServiceEnableIntroDoSDefense 1".into(),
+        format!("HiddenServiceEnableIntroDoSRatePerSec {}", onion.intro_rate_per_sec),
+        format!("HiddenServiceEnableIntroDoSBurstPerSec {}", onion.intro_burst_per_sec),
+        format!("HiddenServicePoWDefensesEnabled {}", u8::from(onion.pow_defenses)),
+    ] {
+        line(l);
+    }
+    let mut text = t;
+    if let Some(bad) = test_network_lines(&text).next() {
+        bail!("torrc: {bad:?} belongs to a private test network only");
+    }
+    if let Some(net) = test_network {
+        if !net.lines().any(|l| l.split_whitespace().eq(["TestingTorNetwork", "1"])) {
+            bail!("test network torrc lines lack `TestingTorNetwork 1`");
+        }
+        text.push_str("# TEST IMAGE ONLY: a private Tor network (cloister-build --test-tor-network).\n");
+        text.push_str(net.trim_end());
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// The lines of `torrc` that only a private test network may carry.
+pub fn test_network_lines(torrc: &str) -> impl Iterator<Item = &str> {
+    torrc.lines().filter(|l| {
+        let key = l.split_whitespace().next().unwrap_or("");
+        TEST_NETWORK_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key)) || key.starts_with("Testing")
+    })
+}
+
+/// sshd for chat users only: passwords (hashes in /etc/shadow, no PAM), a login shell that
+/// refuses commands, and nothing else: no forwarding, tunnels, subsystems, environment, banner,
+/// message of the day or last-login line (which would tell the time zone).
+pub fn sshd_config(config: &Config) -> String {
+    let _ = config;
+    format!(
+        "# Written by cloister-build.\n\
+         ListenAddress 127.0.0.1:22\n\
+         HostKey {SSH_HOST_KEY}\n\
+         PidFile none\n\
+         UsePAM no\n\
+         AllowGroups {chat}\n\
+         PermitRootLogin no\n\
+         PasswordAuthentication yes\n\
+         PermitEmptyPasswords no\n\
+         KbdInteractiveAuthentication no\n\
+         PubkeyAuthentication no\n\
+         HostbasedAuthentication no\n\
+         AuthorizedKeysFile none\n\
+         MaxAuthTries 3\n\
+         MaxSessions 1\n\
+         MaxStartups 10:30:60\n\
+         LoginGraceTime 30\n\
+         DisableForwarding yes\n\
+         AllowTcpForwarding no\n\
+         AllowStreamLocalForwarding no\n\
+         AllowAgentForwarding no\n\
+         X11Forwarding no\n\
+         PermitTunnel no\n\
+         PermitListen none\n\
+         PermitOpen none\n\
+         GatewayPorts no\n\
+         PermitUserEnvironment no\n\
+         PermitUserRC no\n\
+         AcceptEnv LANG\n\
+         PrintMotd no\n\
+         PrintLastLog no\n\
+         Banner none\n\
+         DebianBanner no\n\
+         VersionAddendum none\n\
+         UseDNS no\n\
+         StrictModes yes\n\
+         Compression no\n\
+         ClientAliveInterval 60\n\
+         ClientAliveCountMax 3\n\
+         LogLevel INFO\n\
+         HostKeyAlgorithms ssh-ed25519\n\
+         KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org\n\
+         Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com\n\
+         MACs hmac-sha2-512-etm@openssh.com,hmac-sha2-256-etm@openssh.com\n",
+        chat = CHAT_GROUP.0,
+    )
+}
+
+/// ngircd behind ircgate: loopback only, no DNS, ident or PAM, no server links, hostnames
+/// cloaked, CTCP scrubbed; limits per IP off because every client comes from ircgate.
+pub fn ngircd_conf() -> String {
+    "# Written by cloister-build. Chat clients reach this server through ircgate (127.0.0.1:6667).\n\
+     [Global]\n\
+     \tName = irc.cloister\n\
+     \tInfo = cloister\n\
+     \tListen = 127.0.0.1\n\
+     \tPorts = 6668\n\
+     \tMotdPhrase = welcome\n\
+     \tPidFile = /tmp/ngircd.pid\n\
+     [Limits]\n\
+     \tMaxConnections = 128\n\
+     \tMaxConnectionsIP = 0\n\
+     \tMaxJoins = 16\n\
+     \tMaxNickLength = 16\n\
+     [Options]\n\
+     \tDNS = no\n\
+     \tIdent = no\n\
+     \tPAM = no\n\
+     \tConnectIPv6 = no\n\
+     \tMorePrivacy = yes\n\
+     \tCloakHost = chat.cloister\n\
+     \tScrubCTCP = yes\n\
+     \tAllowRemoteOper = no\n\
+     \tOperCanUseMode = no\n\
+     \tIncludeDir = /nonexistent\n"
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloister_config::ChatUser;
+
+    #[test]
+    fn torrc_matches_the_firewall_and_has_no_client_ports() {
+        let mut c = Config::default();
+        c.firewall.relay_ports = vec![443, 9001];
+        let t = torrc(&c, None).unwrap();
+        assert!(t.contains("ReachableAddresses accept *:443, accept *:9001, reject *:*\n"), "{t}");
+        for l in ["SocksPort 0\n", "ControlPort 0\n", "Sandbox 1\n", "ClientUseIPv6 0\n"] {
+            assert!(t.contains(l), "{l}");
+        }
+        assert!(t.contains("HiddenServicePort 22 unix:/var/lib/cloister/bridge/ssh.sock\n"));
+        assert!(t.contains("HiddenServicePoWDefensesEnabled 1\n"));
+        assert_eq!(test_network_lines(&t).count(), 0);
+    }
+
+    #[test]
+    fn test_network_lines_go_only_into_test_images() {
+        let c = Config::default();
+        let net = "TestingTorNetwork 1\nDirAuthority a orport=9001 no-v2 v3ident=AA 10.77.0.11:9030 BB\n";
+        let t = torrc(&c, Some(net)).unwrap();
+        assert_eq!(test_network_lines(&t).count(), 2, "{t}");
+        assert!(t.contains("# TEST IMAGE ONLY"));
+        let e = torrc(&c, Some("DirAuthority x\n")).unwrap_err().to_string();
+        assert!(e.contains("TestingTorNetwork 1"), "{e}");
+    }
+
+    #[test]
+    fn sshd_allows_chat_users_and_nothing_else() {
+        let s = sshd_config(&Config::default());
+        for l in
+            ["UsePAM no", "AllowGroups chat", "DisableForwarding yes", "DebianBanner no", "PrintLastLog no"]
+        {
+            assert!(s.lines().any(|x| x == l), "{l}");
+        }
+        assert!(!s.contains("Subsystem"), "no sftp or other subsystems");
+        assert!(!s.contains("ForceCommand"), "the login shell itself refuses commands");
+    }
+
+    #[test]
+    fn chat_users_get_uids_in_order_with_the_restricted_shell() {
+        let mut c = Config::default();
+        for name in ["alice", "bob"] {
+            c.chat.users.push(ChatUser { name: name.into(), password_hash: "$6$s$h".into() });
+        }
+        let (groups, users) = accounts(&c);
+        assert_eq!(groups, [("chat", 2000)]);
+        let chat: Vec<_> = users.iter().filter(|u| u.shell.is_some()).collect();
+        assert_eq!(
+            chat.iter().map(|u| (u.name.as_str(), u.uid)).collect::<Vec<_>>(),
+            [("alice", 2001), ("bob", 2002)]
+        );
+        assert!(chat
+            .iter()
+            .all(|u| u.shell.as_deref() == Some(SHELL) && u.primary_group.as_deref() == Some("chat")));
+        assert!(users.iter().filter(|u| u.shell.is_none()).all(|u| u.password_hash.is_none()));
+    }
+}
