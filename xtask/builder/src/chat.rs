@@ -73,7 +73,7 @@ pub fn install(
         tree.write_file(rel, text.as_bytes(), Node::file(0o644)).with_context(|| format!("writing {path}"))
     };
     write(tree, TORRC, torrc(config, test_network)?)?;
-    write(tree, "/etc/ssh/sshd_config", sshd_config(config))?;
+    write(tree, "/etc/ssh/sshd_config", sshd_config())?;
     write(tree, "/etc/ngircd/ngircd.conf", ngircd_conf())?;
     authorized_clients(config, tree, acc)?;
     let homes = Path::new(HOMES.trim_start_matches('/'));
@@ -182,8 +182,7 @@ pub fn test_network_lines(torrc: &str) -> impl Iterator<Item = &str> {
 /// sshd for chat users only: passwords (hashes in /etc/shadow, no PAM), a login shell that
 /// refuses commands, and nothing else: no forwarding, tunnels, subsystems, environment, banner,
 /// message of the day or last-login line (which would tell the time zone).
-pub fn sshd_config(config: &Config) -> String {
-    let _ = config;
+pub fn sshd_config() -> String {
     format!(
         "# Written by cloister-build.\n\
          ListenAddress 127.0.0.1:22\n\
@@ -295,7 +294,7 @@ mod tests {
 
     #[test]
     fn sshd_allows_chat_users_and_nothing_else() {
-        let s = sshd_config(&Config::default());
+        let s = sshd_config();
         for l in
             ["UsePAM no", "AllowGroups chat", "DisableForwarding yes", "DebianBanner no", "PrintLastLog no"]
         {
