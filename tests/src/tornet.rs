@@ -469,7 +469,19 @@ impl TorNet {
     /// Starts an onion service node forwarding `port` to `target`; returns the file tor writes
     /// the `.onion` host name to.
     pub fn add_onion_service(&mut self, nick: &str, port: u16, target: &str) -> Result<PathBuf> {
-        let torrc = self.prepared.onion_service_torrc(nick, port, target);
+        self.add_onion_service_with(nick, port, target, "")
+    }
+
+    /// [`TorNet::add_onion_service`] with more `HiddenService*` lines for the service, e.g. the
+    /// appliance's DoS defences, which must not break a private network's onion service.
+    pub fn add_onion_service_with(
+        &mut self,
+        nick: &str,
+        port: u16,
+        target: &str,
+        extra: &str,
+    ) -> Result<PathBuf> {
+        let torrc = self.prepared.onion_service_torrc(nick, port, target) + extra;
         let hs = self.prepared.node_dir(nick).join("hs");
         if hs.exists() {
             fs::remove_dir_all(&hs)?;

@@ -73,16 +73,16 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
 /// Everything else on the same VM: each refusal leaves the service working for the next.
 fn scenarios(ssh: &Ssh) -> Result<()> {
     timed("a command instead of the shell is refused", || {
-        let out = ssh.run("bob", &["id"], "")?;
+        let out = ssh.run("bob", &[], &["id"], "")?;
         let text = both(&out);
         ensure!(!out.status.success() && text.contains("this account is for chat only"), "{text}");
         ensure!(!text.contains("uid="), "a command ran: {text}");
         Ok(())
     })?;
     timed("port forwarding and subsystems are refused", || {
-        let out = ssh.run("bob", &["-W", "127.0.0.1:6667"], "")?;
+        let out = ssh.run("bob", &["-W", "127.0.0.1:6667"], &[], "")?;
         ensure!(!out.status.success(), "stdio forwarding worked: {}", both(&out));
-        let out = ssh.run("bob", &["-s", "sftp"], "")?;
+        let out = ssh.run("bob", &["-s"], &["sftp"], "")?;
         ensure!(!out.status.success() && !both(&out).contains("uid="), "sftp: {}", both(&out));
         Ok(())
     })?;
@@ -126,7 +126,9 @@ struct Ssh<'a> {
 impl Ssh<'_> {
     /// `ssh` inside the network's namespace, through its tor client, trusting only its own
     /// known_hosts file and typing the password from the user's file (askpass).
-    fn command(&self, user: &str, extra: &[&str]) -> Result<Command> {
+    /// `options` go before the destination and `remote` (a command for sshd) after it: ssh takes
+    /// its first non-option word as the host.
+    fn command(&self, user: &str, options: &[&str], remote: &[&str]) -> Result<Command> {
         let askpass = self.dir.join(format!("askpass-{user}"));
         if !askpass.exists() {
             let pw = self.images.join(format!("chat-{user}"));
@@ -155,15 +157,15 @@ impl Ssh<'_> {
         ] {
             c.arg("-o").arg(o);
         }
-        c.args(extra).arg(format!("{user}@{}", self.onion));
+        c.args(options).arg(format!("{user}@{}", self.onion)).args(remote);
         c.env("SSH_ASKPASS", &askpass).env("SSH_ASKPASS_REQUIRE", "force").env("DISPLAY", ":0");
         c.env_remove("SSH_AUTH_SOCK");
         Ok(c)
     }
 
-    fn run(&self, user: &str, extra: &[&str], input: &str) -> Result<Output> {
+    fn run(&self, user: &str, options: &[&str], remote: &[&str], input: &str) -> Result<Output> {
         let child = self
-            .command(user, extra)?
+            .command(user, options, remote)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -173,12 +175,12 @@ impl Ssh<'_> {
 
     /// An interactive session (a remote terminal) fed `input`.
     fn session(&self, user: &str, input: &str) -> Result<Output> {
-        self.run(user, &["-tt"], input)
+        self.run(user, &["-tt"], &[], input)
     }
 
     fn spawn_session(&self, user: &str) -> Result<std::process::Child> {
         Ok(self
-            .command(user, &["-tt"])?
+            .command(user, &["-tt"], &[])?
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -33,6 +33,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const ONION_TIMEOUT: Duration = Duration::from_secs(300);
 /// One connection attempt: circuit building through a fresh network takes seconds.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The DoS defences the appliance's torrc turns on by default (`[onion]` in config): the test
+/// proves they let consecutive connections through, which the appliance's users rely on.
+const APPLIANCE_DEFENCES: &str = "\
+HiddenServiceMaxStreams 4
+HiddenServiceMaxStreamsCloseCircuit 1
+HiddenServiceEnableIntroDoSDefense 1
+HiddenServiceEnableIntroDoSRatePerSec 25
+HiddenServiceEnableIntroDoSBurstPerSec 200
+HiddenServicePoWDefensesEnabled 1
+";
+/// Connections after the first one: a login after a logout must not need the retry loop.
+const FOLLOW_UPS: usize = 3;
 
 #[test]
 fn guard_accepts_a_private_testing_network() {
@@ -108,7 +120,7 @@ fn onion_echo(dir: &Path) -> Result<()> {
     check_torrc(&appliance).context("appliance-torrc")?;
     assert_eq!(appliance.matches("\nDirAuthority ").count(), 3, "{appliance}");
     let target = format!("unix:{}", sock.display());
-    let hostname = net.add_onion_service(ONION_NICK, 22, &target)?;
+    let hostname = net.add_onion_service_with(ONION_NICK, 22, &target, APPLIANCE_DEFENCES)?;
     let ready = net.wait_ready(READY_TIMEOUT)?;
     let nodes_rss: u64 = rss_of(&net, |nick| nick != ONION_NICK);
     eprintln!(
@@ -146,6 +158,14 @@ fn onion_echo(dir: &Path) -> Result<()> {
         ready.as_secs_f64() + t.elapsed().as_secs_f64(),
         net.rss_kib() >> 10
     );
+    for n in 1..=FOLLOW_UPS {
+        let t = Instant::now();
+        let token = random_token()?;
+        let reply =
+            echo_once(&net, dir, &onion, &token).with_context(|| format!("follow-up connection {n}"))?;
+        assert_eq!(reply, token, "the echo server's reply to follow-up {n}");
+        eprintln!("tornet: follow-up connection {n} echoed in {:.1} s", t.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 

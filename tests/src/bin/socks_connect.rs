@@ -1,7 +1,8 @@
 //! `socks_connect PROXY_HOST:PORT DEST_HOST DEST_PORT`: an OpenSSH `ProxyCommand` for the test
 //! network. It asks a SOCKS5 proxy (tor's SocksPort) to CONNECT to the destination given as a
 //! domain name (address type 3), so nothing is ever resolved locally and `.onion` names reach
-//! tor, then copies stdin to the connection and the connection to stdout.
+//! tor, then copies stdin to the connection and the connection to stdout. Only `.onion`
+//! destinations are accepted.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -30,6 +31,11 @@ fn real_main() -> Result<()> {
         bail!("usage: socks_connect PROXY_HOST:PORT DEST_HOST DEST_PORT");
     };
     let port: u16 = port.parse().with_context(|| format!("bad destination port {port:?}"))?;
+    // The private network has no exits: any other name would wait in tor until the timeout,
+    // and a test has no business asking for one.
+    if !host.ends_with(".onion") {
+        bail!("refusing {host:?}: the test network reaches only .onion addresses");
+    }
     let mut sock = TcpStream::connect(proxy).with_context(|| format!("cannot connect to proxy {proxy}"))?;
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     handshake(&mut sock, host, port)?;
