@@ -250,7 +250,7 @@ impl Default for ImageConfig {
 
 impl Default for PackagesConfig {
     fn default() -> Self {
-        let include = ["linux-image-amd64", "tor", "openssh-server", "ngircd", "irssi"];
+        let include = ["linux-image-amd64", "tor", "openssh-server", "ngircd", "irssi", "ncurses-base"];
         Self { include: include.map(String::from).to_vec(), extra: Vec::new() }
     }
 }

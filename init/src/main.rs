@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod chat;
+mod chatclient;
 mod clock;
 mod cmdline;
 mod console;
@@ -20,6 +21,7 @@ mod guard;
 mod input;
 mod ioctl;
 mod kmod;
+mod landlock_rules;
 mod mounts;
 mod netns;
 mod network;

@@ -55,6 +55,19 @@ pub struct Launch {
     pub hostname: String,
     /// Inherited write end of the status pipe to PID 1.
     pub status_fd: RawFd,
+    /// Runs on a user's terminal (the chat client): stdin is passed down the chain, SIGWINCH
+    /// is forwarded like SIGTERM, and the program starts in a session of its own.
+    #[serde(default)]
+    pub terminal: bool,
+}
+
+/// Signals each link passes on to the next.
+fn forwarded(launch: &Launch) -> &'static [Signal] {
+    if launch.terminal {
+        &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGWINCH]
+    } else {
+        &[Signal::SIGTERM, Signal::SIGINT]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +125,9 @@ fn launch_link(launch: &Launch) -> Result<i32, StepError> {
     if let Some(pin) = &launch.netns {
         crate::netns::enter(pin).map_err(err("join network namespace"))?;
     }
-    let signals = block_signals(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD])?;
+    let signals = block_signals(forwarded(launch))?;
     let child = next_link(Path::new("/proc/self/exe"), NS_INIT_ARG, launch)?;
-    supervise_child(child, &signals, None)
+    supervise_child(child, &signals, forwarded(launch), None)
 }
 
 /// Link 2: PID 1 of the service's namespaces.
@@ -130,17 +143,22 @@ fn ns_init_link(launch: &Launch) -> Result<i32, StepError> {
     if svc.namespaces.uts {
         nix::unistd::sethostname(&launch.hostname).map_err(err("hostname"))?;
     }
-    let signals = block_signals(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD])?;
+    let signals = block_signals(forwarded(launch))?;
     let exe_path = PathBuf::from(format!("/proc/self/fd/{}", exe.as_raw_fd()));
     let child = next_link(&exe_path, EXEC_ARG, launch)?;
     drop(exe);
     let readiness = ReadyWatch::new(&svc.ready, svc.restart.ready_timeout_ms, status);
-    supervise_child(child, &signals, Some(readiness))
+    supervise_child(child, &signals, forwarded(launch), Some(readiness))
 }
 
 /// Link 3: become the service.
 fn exec_link(launch: &Launch) -> Result<i32, StepError> {
     let svc = &launch.service;
+    if launch.terminal {
+        // No controlling terminal: the user's terminal stays the shell's, and nothing here can
+        // signal the shell's process group through it.
+        nix::unistd::setsid().map_err(err("setsid"))?;
+    }
     set_rlimits(svc)?;
     let keep: CapsHashSet = parse_caps(&svc.caps_bounding)?;
     let ambient: CapsHashSet = parse_caps(&svc.caps_ambient)?;
@@ -166,6 +184,10 @@ fn exec_link(launch: &Launch) -> Result<i32, StepError> {
         nix::sys::prctl::set_no_new_privs().map_err(err("no_new_privs"))?;
     }
     nix::unistd::chdir(&svc.workdir).map_err(err("working directory"))?;
+    if !svc.mounts.executables.is_empty() {
+        crate::landlock_rules::restrict(&svc.mounts.executables, &svc.mounts.writable)
+            .map_err(err("landlock"))?;
+    }
     // The launch chain blocks signals for its signalfds, and masks survive execve: the service
     // starts with none blocked and SIGPIPE at its default, like a child of any init.
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
@@ -222,26 +244,29 @@ fn next_link(exe: &Path, arg: &str, launch: &Launch) -> Result<Child, StepError>
     Command::new(exe)
         .arg(arg)
         .arg(json)
-        .stdin(Stdio::null())
+        .stdin(if launch.terminal { Stdio::inherit() } else { Stdio::null() })
         .env_clear()
         .spawn()
         .map_err(err("spawn next link"))
 }
 
-fn block_signals(signals: &[Signal]) -> Result<SignalFd, StepError> {
+/// Blocks `forwarded` and SIGCHLD and returns a signalfd for them.
+fn block_signals(forwarded: &[Signal]) -> Result<SignalFd, StepError> {
     let mut set = SigSet::empty();
-    for s in signals {
+    set.add(Signal::SIGCHLD);
+    for s in forwarded {
         set.add(*s);
     }
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(err("block signals"))?;
     SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(err("signalfd"))
 }
 
-/// Waits for `child`, forwarding SIGTERM/SIGINT to it and reaping every other process that
-/// ends up ours (orphans, in a pid namespace); returns the exit code to pass on.
+/// Waits for `child`, forwarding the `forwarded` signals to it and reaping every other process
+/// that ends up ours (orphans, in a pid namespace); returns the exit code to pass on.
 fn supervise_child(
     child: Child,
     signals: &SignalFd,
+    forwarded: &[Signal],
     mut readiness: Option<ReadyWatch>,
 ) -> Result<i32, StepError> {
     let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
@@ -254,7 +279,7 @@ fn supervise_child(
         }
         while let Ok(Some(info)) = signals.read_signal() {
             let signo = i32::try_from(info.ssi_signo).ok().and_then(|n| Signal::try_from(n).ok());
-            if let Some(sig @ (Signal::SIGTERM | Signal::SIGINT)) = signo {
+            if let Some(sig) = signo.filter(|s| forwarded.contains(s)) {
                 let _ = kill(pid, sig);
             }
         }
@@ -332,7 +357,18 @@ const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 /// the harmless nodes only, empty /tmp and /run, the listed tmpfs and binds.
 fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    bind(Path::new("/"), new_root, true, hardened)?;
+    match &svc.mounts.only {
+        None => bind(Path::new("/"), new_root, true, hardened)?,
+        Some(paths) => {
+            mount_fs("tmpfs", new_root, hardened, Some("mode=0755,size=1m"))?;
+            for path in paths {
+                mirror(new_root, path, 0)?;
+            }
+            for dir in ["proc", "dev"] {
+                std::fs::create_dir_all(new_root.join(dir)).map_err(err("mount point"))?;
+            }
+        }
+    }
     let at = |p: &str| new_root.join(p.trim_start_matches('/'));
     mount_fs("proc", &at("proc"), hardened | MsFlags::MS_NOEXEC, None)?;
     mount_fs("tmpfs", &at("dev"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=64k"))?;
@@ -354,8 +390,10 @@ fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
         std::os::unix::fs::symlink("pts/ptmx", at("dev/ptmx")).map_err(err("dev symlink"))?;
     }
     let noexec = hardened | MsFlags::MS_NOEXEC;
-    mount_fs("tmpfs", &at("tmp"), noexec, Some("mode=1777,size=64m"))?;
-    mount_fs("tmpfs", &at("run"), noexec, Some("mode=0755,size=16m"))?;
+    if svc.mounts.only.is_none() {
+        mount_fs("tmpfs", &at("tmp"), noexec, Some("mode=1777,size=64m"))?;
+        mount_fs("tmpfs", &at("run"), noexec, Some("mode=0755,size=16m"))?;
+    }
     for path in &svc.mounts.tmpfs {
         let opts = format!("mode=0700,uid={},gid={},size=64m", svc.uid, svc.gid);
         mount_fs("tmpfs", &under(new_root, path, true)?, noexec, Some(&opts))?;
@@ -366,7 +404,77 @@ fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
     for path in &svc.mounts.read_only {
         bind(path, &under(new_root, path, path.is_dir())?, true, hardened)?;
     }
+    if svc.mounts.only.is_some() {
+        // Every mount point exists now: the tmpfs under them becomes read-only too.
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened;
+        mount(None::<&str>, new_root, None::<&str>, flags, None::<&str>).map_err(err("read-only root view"))?;
+    }
     pivot_into(new_root)
+}
+
+/// Makes `path` of the root file system appear at the same place under `new_root` (a tmpfs):
+/// each symlink on the way is recreated as it is and followed, a directory or file at the end
+/// is bound read-only, a symlink at the end is only recreated (its target is listed on its
+/// own). Already present: left alone.
+fn mirror(new_root: &Path, path: &Path, depth: usize) -> Result<(), StepError> {
+    let fail = |e: std::io::Error| StepError { step: "root view", detail: format!("{}: {e}", path.display()) };
+    if depth > 40 {
+        return Err(fail(std::io::Error::other("too many symlinks")));
+    }
+    let parts: Vec<_> = path.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect();
+    let mut real = PathBuf::from("/");
+    for (k, part) in parts.iter().enumerate() {
+        real.push(part);
+        let inside = new_root.join(real.strip_prefix("/").unwrap_or(&real));
+        let meta = std::fs::symlink_metadata(&real).map_err(fail)?;
+        let last = k + 1 == parts.len();
+        let present = std::fs::symlink_metadata(&inside).is_ok();
+        if meta.is_symlink() {
+            let target = std::fs::read_link(&real).map_err(fail)?;
+            if !present {
+                std::os::unix::fs::symlink(&target, &inside).map_err(fail)?;
+            }
+            if last {
+                return Ok(());
+            }
+            let base = real.parent().unwrap_or(Path::new("/"));
+            let mut rest = lexical(&base.join(target));
+            rest.extend(&parts[k + 1..]);
+            return mirror(new_root, &rest, depth + 1);
+        }
+        if !last {
+            if !present {
+                std::fs::create_dir(&inside).map_err(fail)?;
+            }
+            continue;
+        }
+        if present {
+            return Ok(());
+        }
+        if meta.is_dir() {
+            std::fs::create_dir(&inside).map_err(fail)?;
+        } else {
+            File::create(&inside).map_err(fail)?;
+        }
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        bind(&real, &inside, true, flags)?;
+    }
+    Ok(())
+}
+
+/// `path` with `.` and `..` resolved by name (paths of the image's own layout, no symlinks).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// `path` inside the new root, made (a directory or an empty file) if it is missing and the

@@ -10,10 +10,18 @@ use std::io::{ErrorKind, IoSliceMut, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cloister_plan::ChatClient;
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
+use nix::unistd::Pid;
+
+use cloister_proto::session::{is_valid_lang, is_valid_term};
+
+use crate::chatclient;
+use crate::supervisor::Lines;
 
 /// Longest request line; a longer one ends the connection.
 const MAX_LINE: usize = 1024;
@@ -24,6 +32,38 @@ pub struct Sessions {
     listener: UnixListener,
     gid: u32,
     conns: Vec<Conn>,
+    chat: ChatContext,
+}
+
+/// What starting the chat client needs besides the request.
+#[derive(Debug, Clone, Default)]
+pub struct ChatContext {
+    /// `None`: the image has no chat client, and `chat` says so.
+    pub client: Option<ChatClient>,
+    pub passwd: PathBuf,
+    /// Where the per-user client configs are written.
+    pub config_dir: PathBuf,
+    pub netns: Option<PathBuf>,
+    pub new_root: PathBuf,
+    pub hostname: String,
+}
+
+/// A running chat client: its launch chain's process group, killed with the session.
+struct Running {
+    pid: Option<Pid>,
+    status: Lines,
+    /// `ok` went out: the client is up and owns the terminal.
+    started: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // The launcher's group holds the launcher and the ns-init; the ns-init's death takes
+        // the client's whole pid namespace with it.
+        if let Some(pid) = self.pid.take() {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
 }
 
 struct Conn {
@@ -34,6 +74,7 @@ struct Conn {
     holds: bool,
     /// Descriptors that came with the bytes in `buf`, for the request they belong to.
     fds: Vec<OwnedFd>,
+    chat: Option<Running>,
 }
 
 /// One request, parsed.
@@ -41,13 +82,15 @@ struct Conn {
 enum Request {
     Hello,
     Chat { term: String, lang: String },
+    /// The terminal changed size: pass SIGWINCH to the client. No answer.
+    Winch,
     Passwd,
 }
 
 impl Sessions {
     /// Makes `dir` (0755, so that sshd's namespace can bind it) and the socket (0666: the peer's
     /// credentials decide) inside it.
-    pub fn open(dir: &Path, gid: u32) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, gid: u32, chat: ChatContext) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
         let path = dir.join("socket");
@@ -58,11 +101,12 @@ impl Sessions {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
         listener.set_nonblocking(true)?;
-        Ok(Self { listener, gid, conns: Vec::new() })
+        Ok(Self { listener, gid, conns: Vec::new(), chat })
     }
 
     pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
-        std::iter::once(self.listener.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd()))
+        let chats = self.conns.iter().filter_map(|c| c.chat.as_ref()).map(|r| r.status.fd());
+        std::iter::once(self.listener.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd())).chain(chats)
     }
 
     /// Accepts, reads and answers whatever is there now; `note` logs refusals and sessions.
@@ -79,15 +123,24 @@ impl Sessions {
         for i in 0..conns.len() {
             while let Some(line) = conns[i].take_line() {
                 let answer = match parse(&line) {
-                    Ok(Request::Hello) => hello(&conns, i, note),
-                    Ok(Request::Chat { .. }) => "error the chat client is not available on this build".into(),
-                    Ok(Request::Passwd) => "error changing passwords is not available on this build".into(),
-                    Err(why) => format!("error {why}"),
+                    Ok(Request::Hello) => Some(hello(&conns, i, note)),
+                    Ok(Request::Chat { term, lang }) => start_chat(&self.chat, &mut conns[i], &term, &lang, note),
+                    Ok(Request::Winch) => {
+                        if let Some(pid) = conns[i].chat.as_ref().and_then(|r| r.pid) {
+                            let _ = kill(pid, Signal::SIGWINCH);
+                        }
+                        None
+                    }
+                    Ok(Request::Passwd) => Some("error changing passwords is not available on this build".into()),
+                    Err(why) => Some(format!("error {why}")),
                 };
                 conns[i].fds.clear();
-                conns[i].holds |= answer == "ok";
-                conns[i].send(&answer);
+                if let Some(answer) = answer {
+                    conns[i].holds |= answer == "ok";
+                    conns[i].send(&answer);
+                }
             }
+            conns[i].check_started();
         }
         let before = conns.len();
         conns.retain(|c| c.buf.len() <= MAX_LINE);
@@ -95,6 +148,33 @@ impl Sessions {
             note("cloister: session: request line too long; connection closed");
         }
         self.conns = conns;
+    }
+
+    /// A child of PID 1 ended: when it is a chat client's launcher, its session learns
+    /// `exited <code>` (or that the client never started). Returns whether it was one.
+    pub fn on_exit(&mut self, pid: Pid, code: i32, note: &mut dyn FnMut(&str)) -> bool {
+        let Some(conn) = self.conns.iter_mut().find(|c| c.chat.as_ref().is_some_and(|r| r.pid == Some(pid)))
+        else {
+            return false;
+        };
+        let Some(mut running) = conn.chat.take() else { return false };
+        // Reaped: the pid (and its group id) may be reused from now on, so never signal it.
+        running.pid = None;
+        let _ = running.status.take();
+        if running.started {
+            conn.send(&format!("exited {code}"));
+        } else {
+            note(&format!("cloister: chat client of uid {} did not start (exit code {code})", conn.uid));
+            conn.send("error the chat client could not start");
+        }
+        true
+    }
+
+    /// Kills every running chat client (shutdown).
+    pub fn stop_all(&mut self) {
+        for c in &mut self.conns {
+            c.chat = None;
+        }
     }
 
     fn accept(&mut self, note: &mut dyn FnMut(&str)) {
@@ -106,7 +186,7 @@ impl Sessions {
             }
             if stream.set_nonblocking(true).is_ok() {
                 let uid = cred.uid();
-                self.conns.push(Conn { stream, uid, buf: Vec::new(), holds: false, fds: Vec::new() });
+                self.conns.push(Conn { stream, uid, buf: Vec::new(), holds: false, fds: Vec::new(), chat: None });
             }
         }
     }
@@ -122,10 +202,60 @@ fn hello(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
     "ok".into()
 }
 
+/// Starts the chat client on the terminal that came with the request; `None` until it is up
+/// (the answer `ok` follows from [`Conn::check_started`]), or the error to answer.
+fn start_chat(
+    ctx: &ChatContext,
+    conn: &mut Conn,
+    term: &str,
+    lang: &str,
+    note: &mut dyn FnMut(&str),
+) -> Option<String> {
+    let Some(client) = &ctx.client else {
+        return Some("error the chat client is not available on this build".into());
+    };
+    if !conn.holds {
+        return Some("error say hello first".into());
+    }
+    if conn.chat.is_some() {
+        return Some("error the chat is already open".into());
+    }
+    let Ok(fds) = <[OwnedFd; 3]>::try_from(std::mem::take(&mut conn.fds)) else {
+        return Some("error chat needs the terminal (three descriptors)".into());
+    };
+    let passwd = std::fs::read_to_string(&ctx.passwd).unwrap_or_default();
+    let Some(user) = chatclient::find_user(&passwd, conn.uid, &client.homes) else {
+        note(&format!("cloister: chat: uid {} is not a chat user", conn.uid));
+        return Some("error this account cannot chat".into());
+    };
+    let prepared = chatclient::ensure_home(&user)
+        .and_then(|()| chatclient::write_config(&ctx.config_dir, &user, client));
+    let config = match prepared {
+        Ok(path) => path,
+        Err(e) => {
+            note(&format!("cloister: chat for {}: {e}", user.name));
+            return Some("error the chat client could not start".into());
+        }
+    };
+    let svc = chatclient::service(&user, client, &config, term, lang);
+    match crate::supervisor::spawn_on_terminal(&svc, ctx.netns.clone(), &ctx.new_root, &ctx.hostname, fds) {
+        Ok((pid, status)) => {
+            note(&format!("cloister: chat started for {} (pid {pid})", user.name));
+            conn.chat = Some(Running { pid: Some(pid), status, started: false });
+            None
+        }
+        Err(e) => {
+            note(&format!("cloister: chat for {}: {e}", user.name));
+            Some("error the chat client could not start".into())
+        }
+    }
+}
+
 fn parse(line: &str) -> Result<Request, String> {
     let mut words = line.split(' ');
     match words.next() {
         Some("hello") if words.next().is_none() => Ok(Request::Hello),
+        Some("winch") if words.next().is_none() => Ok(Request::Winch),
         Some("passwd") if words.next().is_none() => Ok(Request::Passwd),
         Some("chat") => {
             let (mut term, mut lang) = (None, None);
@@ -137,6 +267,9 @@ fn parse(line: &str) -> Result<Request, String> {
                 }
             }
             match (term, lang) {
+                (Some(term), Some(lang)) if !is_valid_term(&term) || !is_valid_lang(&lang) => {
+                    Err("chat: TERM or LANG is not an allowed value".into())
+                }
                 (Some(term), Some(lang)) => Ok(Request::Chat { term, lang }),
                 _ => Err("chat takes TERM=<term> LANG=<lang>".into()),
             }
@@ -175,6 +308,18 @@ impl Conn {
         }
     }
 
+    /// Answers `ok` once the client's launch chain reports it running.
+    fn check_started(&mut self) {
+        let Some(running) = self.chat.as_mut() else { return };
+        if running.started {
+            return;
+        }
+        if running.status.take().iter().any(|v| v == crate::sandbox::STATUS_READY) {
+            running.started = true;
+            self.send("ok");
+        }
+    }
+
     fn take_line(&mut self) -> Option<String> {
         let end = self.buf.iter().position(|&b| b == b'\n')?;
         let line: Vec<u8> = self.buf.drain(..=end).collect();
@@ -200,9 +345,19 @@ mod tests {
             parse("chat TERM=xterm LANG=C.UTF-8"),
             Ok(Request::Chat { term: "xterm".into(), lang: "C.UTF-8".into() })
         );
-        for bad in
-            ["", "hello x", "chat", "chat TERM=a", "chat TERM=a TERM=b", "chat TERM=a LANG=b X=c", "id"]
-        {
+        assert_eq!(parse("winch"), Ok(Request::Winch));
+        for bad in [
+            "",
+            "hello x",
+            "chat",
+            "chat TERM=a",
+            "chat TERM=a TERM=b",
+            "chat TERM=a LANG=b X=c",
+            "chat TERM=$(id) LANG=C",
+            "chat TERM=xterm LANG=../../x",
+            "winch 1",
+            "id",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -212,7 +367,7 @@ mod tests {
     fn second_hello_of_a_uid_is_busy_until_the_first_closes() {
         let dir = tempfile::tempdir().unwrap();
         let gid = nix::unistd::getegid().as_raw();
-        let mut s = Sessions::open(&dir.path().join("sessions"), gid).unwrap();
+        let mut s = Sessions::open(&dir.path().join("sessions"), gid, ChatContext::default()).unwrap();
         let mut notes = Vec::new();
         let mut say = |n: &str| notes.push(n.to_string());
         let path = dir.path().join("sessions/socket");
@@ -241,7 +396,7 @@ mod tests {
     fn other_groups_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let not_ours = nix::unistd::getegid().as_raw().wrapping_add(4242);
-        let mut s = Sessions::open(dir.path(), not_ours).unwrap();
+        let mut s = Sessions::open(dir.path(), not_ours, ChatContext::default()).unwrap();
         let mut c = UnixStream::connect(dir.path().join("socket")).unwrap();
         let mut notes = Vec::new();
         s.serve(&mut |n: &str| notes.push(n.to_string()));

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -31,7 +31,7 @@ use cloister_proto::{marker, service_event};
 use crate::control::{self, Client, Progress, Request};
 use crate::input;
 use crate::sandbox::{self, Launch};
-use crate::sessions::Sessions;
+use crate::sessions::{ChatContext, Sessions};
 use crate::system::StepRecord;
 
 /// Lines kept in memory for `log` (nothing goes to disk).
@@ -134,7 +134,15 @@ impl<'a> Supervisor<'a> {
             sup.note(&format!("cloister: chat network namespace: {e}"));
         }
         if let Some(chat) = &sup.plan.chat {
-            match Sessions::open(&run_dir.join("sessions"), chat.gid) {
+            let context = ChatContext {
+                client: chat.client.clone(),
+                passwd: "/etc/passwd".into(),
+                config_dir: run_dir.join("chat"),
+                netns: Some(sup.chat_netns.clone()),
+                new_root: run_dir.join("root"),
+                hostname: sup.plan.hostname.clone(),
+            };
+            match Sessions::open(&run_dir.join("sessions"), chat.gid, context) {
                 Ok(s) => sup.sessions = Some(s),
                 Err(e) => sup.note(&format!("cloister: session socket: {e}")),
             }
@@ -424,14 +432,22 @@ impl<'a> Supervisor<'a> {
     /// Reaps every exited child; a service's exit goes through its restart policy.
     fn reap(&mut self) {
         loop {
-            let (pid, how) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, exit_text(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("killed by {}", sig.as_str())),
+            let (pid, code, how) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, code, exit_text(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid, 128 + sig as i32, format!("killed by {}", sig.as_str()))
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             };
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) {
                 self.on_exit(i, &how);
+            } else if let Some(sessions) = self.sessions.as_mut() {
+                let mut notes = Vec::new();
+                sessions.on_exit(pid, code, &mut |line| notes.push(line.to_owned()));
+                for line in notes {
+                    self.note(&line);
+                }
             }
         }
     }
@@ -615,6 +631,9 @@ impl<'a> Supervisor<'a> {
     /// the whole launch chain (whose ns-init takes its pid namespace with it).
     pub fn stop_all(&mut self) {
         self.clients.clear();
+        if let Some(sessions) = self.sessions.as_mut() {
+            sessions.stop_all();
+        }
         for i in (0..self.units.len()).rev() {
             self.stop(i);
         }
@@ -704,6 +723,10 @@ fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
 /// Starts the launch chain for `svc`: its own process group, output and status on pipes.
 fn spawn(
     svc: &Service,
@@ -711,44 +734,67 @@ fn spawn(
     new_root: &Path,
     hostname: &str,
 ) -> Result<(Pid, Lines, Lines), String> {
-    fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
-        move |e| format!("{what}: {e}")
-    }
     let (log_r, log_w) = std::io::pipe().map_err(io("output pipe"))?;
     let log_w2 = log_w.try_clone().map_err(io("output pipe"))?;
-    let (status_r, status_w) = std::io::pipe().map_err(io("status pipe"))?;
-    // The launcher inherits the status pipe by number; PID 1 is single-threaded, so no other
-    // spawn can grab it before it is closed below.
-    fcntl(status_w.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| format!("status pipe: {e}"))?;
     let launch = Launch {
         service: svc.clone(),
         netns,
         new_root: new_root.to_path_buf(),
         hostname: hostname.to_string(),
-        status_fd: status_w.as_raw_fd(),
+        status_fd: -1,
+        terminal: false,
     };
+    let (pid, status) = spawn_chain(launch, [Stdio::null(), Stdio::from(log_w), Stdio::from(log_w2)])?;
+    Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?, status))
+}
+
+/// Starts the launch chain for `svc` on a user's terminal (`fds`: its stdin, stdout, stderr);
+/// returns the launcher's pid (also its process group) and its status pipe.
+pub fn spawn_on_terminal(
+    svc: &Service,
+    netns: Option<PathBuf>,
+    new_root: &Path,
+    hostname: &str,
+    fds: [std::os::fd::OwnedFd; 3],
+) -> Result<(Pid, Lines), String> {
+    let launch = Launch {
+        service: svc.clone(),
+        netns,
+        new_root: new_root.to_path_buf(),
+        hostname: hostname.to_string(),
+        status_fd: -1,
+        terminal: true,
+    };
+    spawn_chain(launch, fds.map(Stdio::from))
+}
+
+/// The launcher of `launch` in a process group of its own, with `stdio`; the status pipe is
+/// made here and its write end passed by number.
+fn spawn_chain(mut launch: Launch, stdio: [Stdio; 3]) -> Result<(Pid, Lines), String> {
+    let (status_r, status_w) = std::io::pipe().map_err(io("status pipe"))?;
+    // The launcher inherits the status pipe by number; PID 1 is single-threaded, so no other
+    // spawn can grab it before it is closed below.
+    fcntl(status_w.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| format!("status pipe: {e}"))?;
+    launch.status_fd = status_w.as_raw_fd();
     let json = serde_json::to_string(&launch).map_err(|e| format!("describe: {e}"))?;
+    let [stdin, stdout, stderr] = stdio;
     let child = Command::new("/proc/self/exe")
         .arg(sandbox::LAUNCH_ARG)
         .arg(json)
-        .stdin(Stdio::null())
-        .stdout(log_w)
-        .stderr(log_w2)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
         .env_clear()
         .process_group(0)
         .spawn()
         .map_err(io("spawn launcher"))?;
     drop(status_w);
     let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
-    Ok((
-        pid,
-        Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?,
-        Lines::new(File::from(std::os::fd::OwnedFd::from(status_r)))?,
-    ))
+    Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(status_r)))?))
 }
 
 /// Non-blocking line splitter over a pipe.
-struct Lines {
+pub struct Lines {
     file: File,
     buf: Vec<u8>,
 }
@@ -761,8 +807,12 @@ impl Lines {
         Ok(Self { file, buf: Vec::new() })
     }
 
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Complete lines available now, printable (control characters replaced).
-    fn take(&mut self) -> Vec<String> {
+    pub fn take(&mut self) -> Vec<String> {
         let mut chunk = [0u8; 4096];
         loop {
             match self.file.read(&mut chunk) {

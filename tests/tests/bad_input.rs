@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cloister_tests::*;
 
 /// Runs the builder with a passphrase file and the given extra arguments, output in `dir`.
@@ -149,10 +149,7 @@ fn full_output_filesystem_is_a_clear_error_and_leaves_nothing() -> Result<()> {
     std::fs::write(&pass, "secret\n")?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    let bins = dir.join("bin");
-    std::fs::create_dir_all(&bins)?;
-    std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
-    std::fs::copy(&e2e.init, bins.join("cloister-init"))?;
+    let bins = copy_build_bins(&e2e, &dir)?;
     // A 64 MiB tmpfs in a mount namespace of this test's own: the host's mounts never change,
     // and the filesystem vanishes with the namespace. The build runs as nobody, like the test
     // image's, with the same warm package cache, and fills the tmpfs while unpacking.
@@ -182,6 +179,19 @@ fn full_output_filesystem_is_a_clear_error_and_leaves_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The builder, PID 1 and its companion binaries (which the build copies from PID 1's
+/// directory) in `dir/bin`, where nobody can read them.
+fn copy_build_bins(e2e: &E2e, dir: &Path) -> Result<PathBuf> {
+    let bins = dir.join("bin");
+    std::fs::create_dir_all(&bins)?;
+    std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
+    let from = e2e.init.parent().context("PID 1 binary has no directory")?;
+    for name in ["cloister-init", "cloister-shell", "cloister-bridge", "cloister-ircgate"] {
+        std::fs::copy(from.join(name), bins.join(name)).with_context(|| format!("copying {name}"))?;
+    }
+    Ok(bins)
+}
+
 /// Runs the builder as nobody (as `cargo xtask test` builds the test image) on `config`, with the
 /// warm package cache, so that it gets as far as resolving the services against the real image
 /// tree. Returns the exit status's success and everything it printed; checks that nothing is
@@ -190,10 +200,7 @@ fn build_with_services(e2e: &E2e, name: &str, config: &str) -> Result<(bool, Str
     use std::os::unix::fs::PermissionsExt;
     let dir = e2e.scratch(name)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let bins = dir.join("bin");
-    std::fs::create_dir_all(&bins)?;
-    std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
-    std::fs::copy(&e2e.init, bins.join("cloister-init"))?;
+    let bins = copy_build_bins(&e2e, &dir)?;
     let conf = dir.join("c.toml");
     std::fs::write(&conf, config)?;
     let pass = dir.join("pass");

@@ -72,6 +72,7 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
 
 /// Everything else on the same VM: each refusal leaves the service working for the next.
 fn scenarios(ssh: &Ssh) -> Result<()> {
+    timed("two users chat through irssi; the client cannot escape", || two_users_chat(ssh))?;
     timed("a command instead of the shell is refused", || {
         let out = ssh.run("bob", &[], &["id"], "")?;
         let text = both(&out);
@@ -113,6 +114,132 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         Ok(())
     })?;
     Ok(())
+}
+
+/// alice and bob open `chat`, join one channel and each sees the other's random token; then
+/// alice tries what the sandbox must refuse: /exec, perl, and info commands to the server.
+fn two_users_chat(ssh: &Ssh) -> Result<()> {
+    let alice = Terminal::open(ssh, "alice")?;
+    let bob = Terminal::open(ssh, "bob")?;
+    for t in [&alice, &bob] {
+        t.wait_for("chat> ", Duration::from_secs(120))?;
+        t.send("chat\n")?;
+        // irssi's status bar once connected to the gateway and registered.
+        t.wait_for("Welcome", Duration::from_secs(120))?;
+        t.send("/join #cloister\r")?;
+        t.wait_for("has joined", Duration::from_secs(60))?;
+    }
+    let (ta, tb) = (format!("alice-{}", token()?), format!("bob-{}", token()?));
+    alice.send(&format!("{ta}\r"))?;
+    bob.wait_for(&ta, Duration::from_secs(60)).context("bob never saw alice's token")?;
+    bob.send(&format!("{tb}\r"))?;
+    alice.wait_for(&tb, Duration::from_secs(60)).context("alice never saw bob's token")?;
+    let mark = alice.len();
+    for line in ["/exec id", "/load perl", "/script exec print 1", "/quote VERSION", "/ctcp bob VERSION"] {
+        alice.send(&format!("{line}\r"))?;
+    }
+    alice.send("/echo cloister-done\r")?;
+    alice.wait_for("cloister-done", Duration::from_secs(60))?;
+    // Replies, if any, have had the time of the echo's round trip to arrive.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = alice.text_since(mark);
+    for leak in ["uid=", "ngircd", "Debian", "CTCP VERSION reply"] {
+        ensure!(!after.contains(leak), "{leak:?} came back to alice:\n{after}");
+    }
+    for t in [&alice, &bob] {
+        t.send("/quit\r")?;
+        t.wait_for("chat ended", Duration::from_secs(60))?;
+        t.send("exit\n")?;
+        t.wait_for("bye", Duration::from_secs(60))?;
+    }
+    Ok(())
+}
+
+fn token() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// An interactive ssh session whose output is collected by a thread, for typing into irssi.
+struct Terminal {
+    child: std::process::Child,
+    stdin: std::sync::Mutex<std::process::ChildStdin>,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    user: String,
+}
+
+impl Terminal {
+    fn open(ssh: &Ssh, user: &str) -> Result<Self> {
+        let mut child = ssh
+            .command(user, &["-tt"], &[])?
+            .env("TERM", "xterm")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for mut from in [
+            Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().context("stderr")?),
+        ] {
+            let to = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    to.lock().map(|mut v| v.extend_from_slice(&buf[..n])).ok();
+                }
+            });
+        }
+        Ok(Self { child, stdin: std::sync::Mutex::new(stdin), output, user: user.into() })
+    }
+
+    fn send(&self, text: &str) -> Result<()> {
+        let mut stdin = self.stdin.lock().map_err(|_| anyhow::anyhow!("stdin lock"))?;
+        // Typed a little at a time, as a person would: irssi reads keys, not lines.
+        for chunk in text.as_bytes().chunks(16) {
+            stdin.write_all(chunk)?;
+            stdin.flush()?;
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.output.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Everything after byte `mark`, escape sequences and all.
+    fn text_since(&self, mark: usize) -> String {
+        self.output.lock().map(|v| String::from_utf8_lossy(&v[mark.min(v.len())..]).into_owned()).unwrap_or_default()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let start = 0;
+        loop {
+            if self.text_since(start).contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let text = self.text_since(0);
+                let tail: String = text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                bail!("{}: {needle:?} did not appear within {timeout:?}; last output:\n{tail:?}", self.user);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 struct Ssh<'a> {

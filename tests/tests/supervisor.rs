@@ -84,7 +84,7 @@ impl Scratch {
                 writable: vec![self.path().into()],
                 tmpfs: vec![],
                 read_only: vec![probe_dir],
-                devpts: false,
+                ..Mounts::default()
             },
             caps_bounding: vec![],
             caps_ambient: vec![],
@@ -510,6 +510,60 @@ fn crash_loop_backs_off_then_gives_up_while_others_run() -> Result<()> {
     ensure!(state("k") == Some("ready".into()), "k is not ready: {status}");
     ensure!(state("c") == Some("failed".into()), "c is not failed: {status}");
     sup.finish()
+}
+
+/// The chat client's kind of view: a root holding only the listed files (the probe and its
+/// libraries, `true` for a program it may see but not run) and its writable directory.
+#[test]
+fn a_service_with_an_only_view_sees_and_runs_nothing_else() -> Result<()> {
+    let Some(host) = Host::from_env("supervisor-only-view") else { return Ok(()) };
+    let s = Scratch::new(host)?;
+    let out = s.file("bare.json");
+    let mut bare = s.service("bare", &["report", &out]);
+    let root = Path::new("/");
+    let abs = |rel: &PathBuf| root.join(rel);
+    let mut files: Vec<PathBuf> = vec![PROBE.into(), "/usr/bin/true".into()];
+    for elf in [Path::new(PROBE), Path::new("/usr/bin/true")] {
+        files.extend(cloister_rootfs::elf::needed_closure_for_file(root, elf)?.iter().map(abs));
+    }
+    let loader = std::fs::canonicalize("/lib64/ld-linux-x86-64.so.2")?;
+    bare.mounts.read_only.clear();
+    bare.mounts.only = Some(files);
+    bare.mounts.executables = vec![PROBE.into(), loader];
+    let sup = s.start(vec![bare])?;
+    let report: Value = serde_json::from_str(&wait_file(&out)?)?;
+    drop(sup);
+    eprintln!("only-view report: {report}");
+    ensure!(report["sh_exists"] == false, "/bin/sh is visible: {report}");
+    let top = PROBE.trim_start_matches('/').split('/').next().unwrap_or("");
+    for name in report["root_entries"].as_array().context("root_entries")? {
+        let name = name.as_str().unwrap_or("");
+        let expected = ["dev", "proc", "usr", "lib", "lib64", "bin", top].contains(&name);
+        ensure!(expected, "unexpected /{name} in the view: {}", report["root_entries"]);
+    }
+    // EROFS: the view's own tmpfs is read-only once built.
+    ensure!(report["root_write_errno"] == 30, "writing / gave errno {}", report["root_write_errno"]);
+    if landlock_available() {
+        ensure!(report["true_ran"] == false, "a program outside `executables` ran");
+    } else {
+        eprintln!("this kernel has no landlock: only the view keeps programs out");
+    }
+    Ok(())
+}
+
+/// Whether this kernel enforces landlock: a ruleset restricts only the thread that applies it,
+/// so a short-lived thread tries one and takes it with it.
+fn landlock_available() -> bool {
+    use landlock::{Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
+    std::thread::spawn(|| {
+        let status = Ruleset::default()
+            .handle_access(AccessFs::from_all(ABI::V1))
+            .and_then(|r| r.create())
+            .and_then(|r| r.restrict_self());
+        status.is_ok_and(|s| s.ruleset != RulesetStatus::NotEnforced)
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 #[test]

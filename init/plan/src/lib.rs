@@ -53,6 +53,25 @@ pub struct ChatPlan {
     pub ssh_host_key: PathBuf,
     /// tor's `hostname` file of the onion service, shown on the console once it exists.
     pub onion_hostname: PathBuf,
+    /// The IRC client `chat` starts, when the image carries one.
+    #[serde(default)]
+    pub client: Option<ChatClient>,
+}
+
+/// What PID 1 needs to start a chat user's IRC client (irssi) in its sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatClient {
+    pub exec: PathBuf,
+    /// Everything the client's root view holds besides the user's home: the program, its
+    /// libraries (with the symlinks leading to them), terminfo and irssi's help and themes.
+    pub files: Vec<PathBuf>,
+    /// The files it may execute: the program and its ELF interpreter.
+    pub executables: Vec<PathBuf>,
+    /// Chat users' homes are `<homes>/<login>`.
+    pub homes: PathBuf,
+    /// Where it connects: the IRC gateway in the chat namespace.
+    pub server: SocketAddr,
 }
 
 /// PID 1's socket for the restricted shell (one connection per login session).
@@ -196,6 +215,15 @@ pub struct Mounts {
     /// A private devpts instance (/dev/pts, /dev/ptmx): the service allocates terminals.
     #[serde(default)]
     pub devpts: bool,
+    /// When set, the root view is an empty tmpfs holding only these paths of the root file
+    /// system (read-only, with the symlinks that lead to them) instead of the whole of it, and
+    /// no /tmp or /run: the chat client's sandbox, which has nothing else to run or read.
+    #[serde(default)]
+    pub only: Option<Vec<PathBuf>>,
+    /// When non-empty, a landlock ruleset (where the kernel has landlock) lets the service
+    /// execute only these files and change files only under `writable` and /dev.
+    #[serde(default)]
+    pub executables: Vec<PathBuf>,
 }
 
 /// `None` keeps the inherited limit.

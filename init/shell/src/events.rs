@@ -39,6 +39,8 @@ pub enum Wake {
     Terminal,
     /// The deadline passed.
     Timeout,
+    /// SIGWINCH: the terminal changed size (only the chat client cares).
+    Resize,
 }
 
 pub struct Events {
@@ -53,6 +55,7 @@ impl Events {
             mask.add(signal);
         }
         mask.add(Signal::SIGTSTP);
+        mask.add(Signal::SIGWINCH);
         mask.thread_block().map_err(|source| EventsError::Block { source })?;
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
         let signals =
@@ -69,8 +72,8 @@ impl Events {
         deadline: Option<Instant>,
     ) -> Result<Wake, EventsError> {
         loop {
-            if let Some(signal) = self.pending_signal()? {
-                return Ok(Wake::Signal(signal));
+            if let Some(wake) = self.pending_signal()? {
+                return Ok(wake);
             }
             let timeout = match deadline {
                 Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
@@ -104,14 +107,16 @@ impl Events {
         }
     }
 
-    /// The next ending signal already delivered; SIGTSTP is consumed and ignored.
-    fn pending_signal(&self) -> Result<Option<Signal>, EventsError> {
+    /// The next ending signal or resize already delivered; SIGTSTP is consumed and ignored.
+    fn pending_signal(&self) -> Result<Option<Wake>, EventsError> {
         while let Some(info) =
             self.signals.read_signal().map_err(|source| EventsError::ReadSignal { source })?
         {
             let signal = i32::try_from(info.ssi_signo).ok().and_then(|n| Signal::try_from(n).ok());
-            if let Some(signal) = signal.filter(|signal| ENDING.contains(signal)) {
-                return Ok(Some(signal));
+            match signal {
+                Some(Signal::SIGWINCH) => return Ok(Some(Wake::Resize)),
+                Some(signal) if ENDING.contains(&signal) => return Ok(Some(Wake::Signal(signal))),
+                _ => {}
             }
         }
         Ok(None)

@@ -110,6 +110,11 @@ impl Session {
         self.reader.fill().map(drop).map_err(|source| SessionError::Receive { source })
     }
 
+    /// `winch`: the terminal changed size while the chat client runs. PID 1 does not answer.
+    pub fn send_winch(&mut self) -> Result<(), SessionError> {
+        self.send("winch", b"winch\n")
+    }
+
     fn send(&mut self, request: &'static str, bytes: &[u8]) -> Result<(), SessionError> {
         let mut stream = self.reader.get_ref();
         stream.write_all(bytes).map_err(|source| SessionError::Send { request, source })

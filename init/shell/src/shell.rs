@@ -172,7 +172,13 @@ fn wait_reply(
             Wake::Timeout => return Err(SessionError::NoReply { request }.into()),
             // A reset connection is a closed one.
             Wake::Server if session.fill().is_err() => return Ok(Waited::End(End::ServiceClosed)),
-            Wake::Server | Wake::Terminal => {}
+            // While the chat client runs, it learns of the new size through PID 1.
+            Wake::Resize if request == "chat" => {
+                if session.send_winch().is_err() {
+                    return Ok(Waited::End(End::ServiceClosed));
+                }
+            }
+            Wake::Server | Wake::Terminal | Wake::Resize => {}
         }
     }
 }
@@ -296,6 +302,7 @@ impl Shell<'_> {
                 Wake::Timeout => return Ok(Input::End(End::Idle)),
                 // PID 1 says nothing unasked: anything (or its closing) means the session is over.
                 Wake::Server => return Ok(Input::End(End::ServiceClosed)),
+                Wake::Resize => {}
                 Wake::Terminal => {
                     if self.input.fill().map_err(|source| ShellError::Read { source })? > 0 {
                         self.last_input = Instant::now();

@@ -35,37 +35,7 @@ pub fn lang(value: Option<&OsStr>) -> &str {
     value.and_then(OsStr::to_str).filter(|lang| is_valid_lang(lang)).unwrap_or(FALLBACK_LANG)
 }
 
-pub fn is_valid_term(term: &str) -> bool {
-    let mut bytes = term.bytes();
-    let first_ok = bytes.next().is_some_and(|byte| byte.is_ascii_alphanumeric());
-    first_ok && term.len() <= 64 && bytes.all(|byte| byte.is_ascii_alphanumeric() || b".+_-".contains(&byte))
-}
-
-/// `^[A-Za-z]{1,8}(_[A-Za-z]{2})?(\.[A-Za-z0-9-]{1,16})?(@[A-Za-z0-9]{1,16})?$`, taken apart from
-/// the right so that each part is checked against its own character set.
-pub fn is_valid_lang(lang: &str) -> bool {
-    if lang == "C" || lang == "POSIX" {
-        return true;
-    }
-    let (rest, modifier) = split_optional(lang, '@');
-    let (rest, codeset) = split_optional(rest, '.');
-    let (language, territory) = split_optional(rest, '_');
-    let modifier_ok =
-        modifier.is_none_or(|m| (1..=16).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()));
-    let codeset_ok = codeset.is_none_or(|c| {
-        (1..=16).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    });
-    let territory_ok = territory.is_none_or(|t| t.len() == 2 && t.bytes().all(|b| b.is_ascii_alphabetic()));
-    let language_ok = (1..=8).contains(&language.len()) && language.bytes().all(|b| b.is_ascii_alphabetic());
-    modifier_ok && codeset_ok && territory_ok && language_ok
-}
-
-fn split_optional(value: &str, separator: char) -> (&str, Option<&str>) {
-    match value.split_once(separator) {
-        Some((head, tail)) => (head, Some(tail)),
-        None => (value, None),
-    }
-}
+pub use cloister_proto::session::{is_valid_lang, is_valid_term};
 
 /// The checks a new password passes before it leaves the shell; the server may refuse more.
 pub fn check_new_password(current: &str, new: &str, again: &str) -> Result<(), PasswordError> {

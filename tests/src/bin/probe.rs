@@ -135,6 +135,15 @@ fn report(out: &Path, exit: bool) -> Res<u8> {
     linger()
 }
 
+/// The names in `/`, sorted.
+fn root_entries() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Everything the isolation test checks, as seen from inside the sandbox.
 fn observe() -> Value {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -161,6 +170,9 @@ fn observe() -> Value {
         "sig_blk": field("SigBlk"),
         "sig_ign": field("SigIgn"),
         "root_write_errno": root_write_errno(),
+        "root_entries": root_entries(),
+        "true_ran": std::process::Command::new("/usr/bin/true").status().is_ok_and(|s| s.success()),
+        "sh_exists": Path::new("/bin/sh").exists(),
         "interfaces": interfaces(),
         "hostname": nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()),
         "env": std::env::vars_os()

@@ -3,11 +3,12 @@
 //! users, the `chat` group and the chat users of `[chat]` with their homes) and our own
 //! binaries beside PID 1. Each file is a pure function of the config, tested as text.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cloister_config::Config;
-use cloister_rootfs::tree::{Node, Tree};
+use cloister_rootfs::elf;
+use cloister_rootfs::tree::{Kind, Node, Tree};
 use cloister_rootfs::users::{Accounts, SystemUser};
 
 /// The chat users' primary group: PID 1's session socket and sshd's `AllowGroups` admit it.
@@ -23,7 +24,13 @@ pub const COMPANIONS: &[(&str, &str)] = &[
     ("cloister-ircgate", "/usr/lib/cloister/ircgate"),
 ];
 const SHELL: &str = "/usr/lib/cloister/shell";
-const HOMES: &str = "/var/lib/cloister/home";
+pub const HOMES: &str = "/var/lib/cloister/home";
+/// The chat client, when the package list brings it.
+const IRSSI: &str = "usr/bin/irssi";
+/// Data the client reads besides its libraries. Not its modules directory: that holds the perl
+/// interpreter's glue (`/load perl`, `/script`) and the IRC proxy, which a chat user must not load.
+const CLIENT_DATA: &[&str] =
+    &["usr/share/terminfo", "usr/lib/terminfo", "etc/terminfo", "usr/share/irssi/help", "usr/share/irssi/themes"];
 pub const TORRC: &str = "/etc/cloister/torrc";
 const TOR_DATA: &str = "/var/lib/cloister/tor";
 const ONION_DIR: &str = "/var/lib/cloister/tor/onion-ssh";
@@ -322,4 +329,27 @@ mod tests {
             .all(|u| u.shell.as_deref() == Some(SHELL) && u.primary_group.as_deref() == Some("chat")));
         assert!(users.iter().filter(|u| u.shell.is_none()).all(|u| u.password_hash.is_none()));
     }
+}
+
+/// The chat client's sandbox contents, or `None` when the image has no irssi: the program, its
+/// library closure (resolved in the image, with the symlinks on the way), the data it reads,
+/// and the files it may execute (itself and the ELF interpreter).
+pub fn client_plan(tree: &Tree, server: std::net::SocketAddr) -> Result<Option<cloister_plan::ChatClient>> {
+    if tree.get(Path::new(IRSSI)).is_none() {
+        return Ok(None);
+    }
+    let closure = elf::needed_closure(tree.staging(), Path::new(IRSSI))
+        .with_context(|| format!("libraries of /{IRSSI}"))?;
+    let abs = |rel: &Path| Path::new("/").join(rel);
+    let interpreters = closure.iter().filter(|rel| {
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name.starts_with("ld-linux") && tree.get(rel).is_some_and(|n| n.kind == Kind::File)
+    });
+    let executables: Vec<PathBuf> = std::iter::once(abs(Path::new(IRSSI))).chain(interpreters.map(|r| abs(r))).collect();
+    if executables.len() != 2 {
+        bail!("/{IRSSI}: expected one ELF interpreter among its libraries, found {:?}", &executables[1..]);
+    }
+    let mut files: Vec<PathBuf> = std::iter::once(abs(Path::new(IRSSI))).chain(closure.iter().map(|r| abs(r))).collect();
+    files.extend(CLIENT_DATA.iter().map(Path::new).filter(|rel| tree.get(rel).is_some()).map(abs));
+    Ok(Some(cloister_plan::ChatClient { exec: abs(Path::new(IRSSI)), files, executables, homes: HOMES.into(), server }))
 }

@@ -56,18 +56,31 @@ pub fn resolve(config: &Config, tree: &mut Tree, build_time_unix: u64) -> Result
         services,
         firewall: firewall_plan(config, &accounts)?,
         network: network_plan(config)?,
-        chat: chat_plan(config, &accounts),
+        chat: chat_plan(config, &accounts, tree)?,
     })
 }
 
-/// The onion chat's pieces for PID 1, when the image runs sshd.
-fn chat_plan(config: &Config, acc: &Accounts) -> Option<cloister_plan::ChatPlan> {
-    config.services.get("sshd")?;
-    Some(cloister_plan::ChatPlan {
-        gid: acc.gid(crate::chat::CHAT_GROUP.0)?,
+/// The onion chat's pieces for PID 1, when the image runs sshd; the chat client when the
+/// image also carries irssi and the IRC gateway it connects to.
+fn chat_plan(config: &Config, acc: &Accounts, tree: &Tree) -> Result<Option<cloister_plan::ChatPlan>> {
+    let Some(gid) = config.services.get("sshd").and_then(|_| acc.gid(crate::chat::CHAT_GROUP.0)) else {
+        return Ok(None);
+    };
+    // The gateway's readiness address is where it listens.
+    let gateway = config.services.get("ircgate").filter(|g| g.enabled).and_then(|g| match g.ready.0 {
+        cloister_plan::Readiness::Tcp(addr) => Some(addr),
+        _ => None,
+    });
+    let client = match gateway {
+        Some(server) => crate::chat::client_plan(tree, server)?,
+        None => None,
+    };
+    Ok(Some(cloister_plan::ChatPlan {
+        gid,
         ssh_host_key: crate::chat::SSH_HOST_KEY.into(),
         onion_hostname: crate::chat::ONION_HOSTNAME.into(),
-    })
+        client,
+    }))
 }
 
 /// `[network]` in the plan's form (already checked when the config was read; checked again
@@ -157,6 +170,7 @@ fn resolve_service(name: &str, sc: &ServiceConfig, acc: &Accounts, tree: &mut Tr
             tmpfs: sc.tmpfs.clone(),
             read_only: sc.read_only.clone(),
             devpts: sc.devpts,
+            ..Mounts::default()
         },
         caps_bounding: sc.caps_bounding.clone(),
         caps_ambient: sc.caps_ambient.clone(),
