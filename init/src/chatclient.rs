@@ -22,8 +22,6 @@ const NOFILE: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("uid {0} is not a chat user")]
-    UnknownUser(u32),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -47,10 +45,11 @@ pub fn find_user(passwd: &str, uid: u32, homes: &Path) -> Option<ChatUser> {
             return None;
         }
         let home = PathBuf::from(home);
+        let gid = g.parse().ok()?;
         (home.parent() == Some(homes) && home.file_name()? == *name).then(|| ChatUser {
             name: (*name).to_owned(),
             uid,
-            gid: g.parse().ok()?,
+            gid,
             home,
         })
     })
@@ -87,7 +86,10 @@ pub fn irssi_config(user: &ChatUser, client: &ChatClient) -> String {
         "  \"irc/dcc\" = { dcc_autoget = \"no\"; dcc_autochat_masks = \"\"; dcc_autoresume = \"no\"; \
          dcc_autorename = \"no\"; };\n",
     );
-    c.push_str("  \"fe-common/core\" = { autolog = \"no\"; };\n};\n");
+    // No recoding: its fallback (CP1252) would need iconv modules the view does not hold.
+    c.push_str(
+        "  \"fe-common/core\" = { autolog = \"no\"; recode = \"no\"; recode_fallback = \"UTF-8\"; };\n};\n",
+    );
     // CTCP requests (VERSION, TIME, PING, CLIENTINFO, USERINFO) and DCC offers are dropped
     // before irssi answers them; ngircd scrubs them already, this holds if that ever changes.
     c.push_str("ignores = ( { mask = \"*\"; level = \"CTCPS DCC\"; } );\n");
@@ -207,7 +209,8 @@ mod tests {
     #[test]
     fn the_sandbox_has_no_privileges_and_only_the_client() {
         let alice = find_user(PASSWD, 2001, Path::new("/var/lib/cloister/home")).unwrap();
-        let svc = service(&alice, &client(), Path::new("/run/cloister/chat/irssi-2001.conf"), "xterm", "C.UTF-8");
+        let svc =
+            service(&alice, &client(), Path::new("/run/cloister/chat/irssi-2001.conf"), "xterm", "C.UTF-8");
         assert_eq!((svc.uid, svc.gid), (2001, 2000));
         assert!(svc.groups.is_empty() && svc.caps_bounding.is_empty() && svc.caps_ambient.is_empty());
         assert!(svc.no_new_privs);

@@ -407,7 +407,8 @@ fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
     if svc.mounts.only.is_some() {
         // Every mount point exists now: the tmpfs under them becomes read-only too.
         let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened;
-        mount(None::<&str>, new_root, None::<&str>, flags, None::<&str>).map_err(err("read-only root view"))?;
+        mount(None::<&str>, new_root, None::<&str>, flags, None::<&str>)
+            .map_err(err("read-only root view"))?;
     }
     pivot_into(new_root)
 }
@@ -417,7 +418,8 @@ fn enter_root_view(svc: &Service, new_root: &Path) -> Result<(), StepError> {
 /// is bound read-only, a symlink at the end is only recreated (its target is listed on its
 /// own). Already present: left alone.
 fn mirror(new_root: &Path, path: &Path, depth: usize) -> Result<(), StepError> {
-    let fail = |e: std::io::Error| StepError { step: "root view", detail: format!("{}: {e}", path.display()) };
+    let fail =
+        |e: std::io::Error| StepError { step: "root view", detail: format!("{}: {e}", path.display()) };
     if depth > 40 {
         return Err(fail(std::io::Error::other("too many symlinks")));
     }

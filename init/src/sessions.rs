@@ -81,7 +81,10 @@ struct Conn {
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
     Hello,
-    Chat { term: String, lang: String },
+    Chat {
+        term: String,
+        lang: String,
+    },
     /// The terminal changed size: pass SIGWINCH to the client. No answer.
     Winch,
     Passwd,
@@ -124,14 +127,18 @@ impl Sessions {
             while let Some(line) = conns[i].take_line() {
                 let answer = match parse(&line) {
                     Ok(Request::Hello) => Some(hello(&conns, i, note)),
-                    Ok(Request::Chat { term, lang }) => start_chat(&self.chat, &mut conns[i], &term, &lang, note),
+                    Ok(Request::Chat { term, lang }) => {
+                        start_chat(&self.chat, &mut conns[i], &term, &lang, note)
+                    }
                     Ok(Request::Winch) => {
                         if let Some(pid) = conns[i].chat.as_ref().and_then(|r| r.pid) {
                             let _ = kill(pid, Signal::SIGWINCH);
                         }
                         None
                     }
-                    Ok(Request::Passwd) => Some("error changing passwords is not available on this build".into()),
+                    Ok(Request::Passwd) => {
+                        Some("error changing passwords is not available on this build".into())
+                    }
                     Err(why) => Some(format!("error {why}")),
                 };
                 conns[i].fds.clear();
@@ -186,7 +193,14 @@ impl Sessions {
             }
             if stream.set_nonblocking(true).is_ok() {
                 let uid = cred.uid();
-                self.conns.push(Conn { stream, uid, buf: Vec::new(), holds: false, fds: Vec::new(), chat: None });
+                self.conns.push(Conn {
+                    stream,
+                    uid,
+                    buf: Vec::new(),
+                    holds: false,
+                    fds: Vec::new(),
+                    chat: None,
+                });
             }
         }
     }

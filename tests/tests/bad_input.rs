@@ -200,7 +200,7 @@ fn build_with_services(e2e: &E2e, name: &str, config: &str) -> Result<(bool, Str
     use std::os::unix::fs::PermissionsExt;
     let dir = e2e.scratch(name)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let bins = copy_build_bins(&e2e, &dir)?;
+    let bins = copy_build_bins(e2e, &dir)?;
     let conf = dir.join("c.toml");
     std::fs::write(&conf, config)?;
     let pass = dir.join("pass");

@@ -47,6 +47,7 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
         ..VmConfig::new(&disk, Firmware::find()?, &dir)
     };
     let vm = Vm::start(config)?;
+    let chat_log = e2e.work.join("onion-chat-alice.txt");
     let (host_key, onion) = timed("unlock, host key, onion address", || {
         vm.wait_for(marker::PASSPHRASE_PROMPT, TO_UNLOCK)?;
         vm.type_line(&e2e.passphrase()?)?;
@@ -54,12 +55,17 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
         let onion = vm.wait_for(marker::ONION_ADDRESS, TO_ONION)?;
         Ok((word_after(&key, marker::SSH_HOST_KEY)?, word_after(&onion, marker::ONION_ADDRESS)?))
     })?;
-    let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images: e2e.image.parent().context("image dir")? };
+    let images = e2e.image.parent().context("image dir")?;
+    let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images, transcript: &chat_log };
     let first = timed("first login through the onion service", || ssh.first_login("alice"))?;
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    scenarios(&ssh)?;
+    let result = scenarios(&ssh);
+    // Test artifacts beside the other runs' (the scratch directory goes on success): what the
+    // appliance printed, to read the timings and refusals from.
+    std::fs::write(e2e.work.join("onion-chat-console.log"), vm.console_text())?;
+    result?;
     timed("power button powers off", || {
         vm.power_button()?;
         vm.wait_for(marker::POWER_OFF, Duration::from_secs(180))?;
@@ -121,7 +127,38 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
 fn two_users_chat(ssh: &Ssh) -> Result<()> {
     let alice = Terminal::open(ssh, "alice")?;
     let bob = Terminal::open(ssh, "bob")?;
-    for t in [&alice, &bob] {
+    let result = chat_and_probe(&alice, &bob);
+    std::fs::write(ssh.transcript, plain(&alice.text_since(0)))?;
+    std::fs::write(ssh.transcript.with_extension("raw"), alice.text_since(0))?;
+    result
+}
+
+/// Terminal output without its escape sequences (CSI and the two-byte ones), for reading.
+fn plain(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                match chars.next() {
+                    Some('[') => while chars.next().is_some_and(|c| !c.is_ascii_alphabetic() && c != '~') {},
+                    // Character set designations: one more byte.
+                    Some('(' | ')') => {
+                        chars.next();
+                    }
+                    _ => {}
+                }
+            }
+            '\r' => {}
+            c if c.is_control() && c != '\n' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn chat_and_probe(alice: &Terminal, bob: &Terminal) -> Result<()> {
+    for t in [alice, bob] {
         t.wait_for("chat> ", Duration::from_secs(120))?;
         t.send("chat\n")?;
         // irssi's status bar once connected to the gateway and registered.
@@ -135,18 +172,40 @@ fn two_users_chat(ssh: &Ssh) -> Result<()> {
     bob.send(&format!("{tb}\r"))?;
     alice.wait_for(&tb, Duration::from_secs(60)).context("alice never saw bob's token")?;
     let mark = alice.len();
-    for line in ["/exec id", "/load perl", "/script exec print 1", "/quote VERSION", "/ctcp bob VERSION"] {
+    // libc.so.6 is in the view and executable by its mode (it prints glibc's banner when run):
+    // only landlock keeps irssi from running it.
+    let probes = [
+        "/exec id",
+        "/exec -nosh /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/load perl",
+        "/script exec print 1",
+        "/quote VERSION",
+        "/quote INFO",
+        "/quote ADMIN",
+        "/quote LUSERS",
+        "/quote TIME",
+        "/ctcp bob VERSION",
+        "/ctcp bob TIME",
+    ];
+    for line in probes {
         alice.send(&format!("{line}\r"))?;
     }
+    // Server replies and /load's errors go to the status window: show it before the marker.
+    alice.send("/window 1\r")?;
     alice.send("/echo cloister-done\r")?;
     alice.wait_for("cloister-done", Duration::from_secs(60))?;
     // Replies, if any, have had the time of the echo's round trip to arrive.
     std::thread::sleep(Duration::from_secs(5));
     let after = alice.text_since(mark);
-    for leak in ["uid=", "ngircd", "Debian", "CTCP VERSION reply"] {
+    // Each refusal said so: no shell for /exec, landlock for a program in the view, the gate for
+    // the info commands (421), and no perl module to load.
+    for said in ["/bin/sh: No such file", "libc.so.6: Permission denied", "Unknown command"] {
+        ensure!(after.contains(said), "{said:?} not shown to alice:\n{}", plain(&after));
+    }
+    for leak in ["uid=", "ngircd", "Debian", "GNU C Library", "CTCP VERSION reply", "CTCP TIME reply"] {
         ensure!(!after.contains(leak), "{leak:?} came back to alice:\n{after}");
     }
-    for t in [&alice, &bob] {
+    for t in [alice, bob] {
         t.send("/quit\r")?;
         t.wait_for("chat ended", Duration::from_secs(60))?;
         t.send("exit\n")?;
@@ -215,7 +274,10 @@ impl Terminal {
 
     /// Everything after byte `mark`, escape sequences and all.
     fn text_since(&self, mark: usize) -> String {
-        self.output.lock().map(|v| String::from_utf8_lossy(&v[mark.min(v.len())..]).into_owned()).unwrap_or_default()
+        self.output
+            .lock()
+            .map(|v| String::from_utf8_lossy(&v[mark.min(v.len())..]).into_owned())
+            .unwrap_or_default()
     }
 
     fn wait_for(&self, needle: &str, timeout: Duration) -> Result<()> {
@@ -227,7 +289,8 @@ impl Terminal {
             }
             if Instant::now() > deadline {
                 let text = self.text_since(0);
-                let tail: String = text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String =
+                    text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
                 bail!("{}: {needle:?} did not appear within {timeout:?}; last output:\n{tail:?}", self.user);
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -248,6 +311,8 @@ struct Ssh<'a> {
     onion: &'a str,
     /// The test image's directory, where `chat-<user>` holds each test password.
     images: &'a Path,
+    /// Where alice's chat session is kept, escape sequences removed (a test artifact).
+    transcript: &'a Path,
 }
 
 impl Ssh<'_> {

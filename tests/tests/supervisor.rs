@@ -523,7 +523,9 @@ fn a_service_with_an_only_view_sees_and_runs_nothing_else() -> Result<()> {
     let root = Path::new("/");
     let abs = |rel: &PathBuf| root.join(rel);
     let mut files: Vec<PathBuf> = vec![PROBE.into(), "/usr/bin/true".into()];
-    for elf in [Path::new(PROBE), Path::new("/usr/bin/true")] {
+    // The launch chain's exec link (cloister-init) runs inside the view too.
+    let init = PathBuf::from(std::env::var_os("CLOISTER_INIT_BIN").context("CLOISTER_INIT_BIN")?);
+    for elf in [Path::new(PROBE), Path::new("/usr/bin/true"), &init] {
         files.extend(cloister_rootfs::elf::needed_closure_for_file(root, elf)?.iter().map(abs));
     }
     let loader = std::fs::canonicalize("/lib64/ld-linux-x86-64.so.2")?;
@@ -554,7 +556,7 @@ fn a_service_with_an_only_view_sees_and_runs_nothing_else() -> Result<()> {
 /// Whether this kernel enforces landlock: a ruleset restricts only the thread that applies it,
 /// so a short-lived thread tries one and takes it with it.
 fn landlock_available() -> bool {
-    use landlock::{Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
+    use landlock::{Access, AccessFs, Ruleset, RulesetAttr, RulesetStatus, ABI};
     std::thread::spawn(|| {
         let status = Ruleset::default()
             .handle_access(AccessFs::from_all(ABI::V1))

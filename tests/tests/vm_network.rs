@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use cloister_proto::marker;
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
-use cloister_tests::*;
 use cloister_tests::tornet;
+use cloister_tests::*;
 use nix::sys::socket::{recv, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 
 const TAP: &str = "ctap0";

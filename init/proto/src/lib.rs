@@ -140,7 +140,9 @@ pub mod session {
     pub fn is_valid_term(term: &str) -> bool {
         let mut bytes = term.bytes();
         let first_ok = bytes.next().is_some_and(|byte| byte.is_ascii_alphanumeric());
-        first_ok && term.len() <= 64 && bytes.all(|byte| byte.is_ascii_alphanumeric() || b".+_-".contains(&byte))
+        first_ok
+            && term.len() <= 64
+            && bytes.all(|byte| byte.is_ascii_alphanumeric() || b".+_-".contains(&byte))
     }
 
     /// `^[A-Za-z]{1,8}(_[A-Za-z]{2})?(\.[A-Za-z0-9-]{1,16})?(@[A-Za-z0-9]{1,16})?$`, taken apart from
@@ -152,13 +154,15 @@ pub mod session {
         let (rest, modifier) = split_optional(lang, '@');
         let (rest, codeset) = split_optional(rest, '.');
         let (language, territory) = split_optional(rest, '_');
-        let modifier_ok =
-            modifier.is_none_or(|m| (1..=16).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let modifier_ok = modifier
+            .is_none_or(|m| (1..=16).contains(&m.len()) && m.bytes().all(|b| b.is_ascii_alphanumeric()));
         let codeset_ok = codeset.is_none_or(|c| {
             (1..=16).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-        let territory_ok = territory.is_none_or(|t| t.len() == 2 && t.bytes().all(|b| b.is_ascii_alphabetic()));
-        let language_ok = (1..=8).contains(&language.len()) && language.bytes().all(|b| b.is_ascii_alphabetic());
+        let territory_ok =
+            territory.is_none_or(|t| t.len() == 2 && t.bytes().all(|b| b.is_ascii_alphabetic()));
+        let language_ok =
+            (1..=8).contains(&language.len()) && language.bytes().all(|b| b.is_ascii_alphabetic());
         modifier_ok && codeset_ok && territory_ok && language_ok
     }
 

@@ -29,8 +29,13 @@ pub const HOMES: &str = "/var/lib/cloister/home";
 const IRSSI: &str = "usr/bin/irssi";
 /// Data the client reads besides its libraries. Not its modules directory: that holds the perl
 /// interpreter's glue (`/load perl`, `/script`) and the IRC proxy, which a chat user must not load.
-const CLIENT_DATA: &[&str] =
-    &["usr/share/terminfo", "usr/lib/terminfo", "etc/terminfo", "usr/share/irssi/help", "usr/share/irssi/themes"];
+const CLIENT_DATA: &[&str] = &[
+    "usr/share/terminfo",
+    "usr/lib/terminfo",
+    "etc/terminfo",
+    "usr/share/irssi/help",
+    "usr/share/irssi/themes",
+];
 pub const TORRC: &str = "/etc/cloister/torrc";
 const TOR_DATA: &str = "/var/lib/cloister/tor";
 const ONION_DIR: &str = "/var/lib/cloister/tor/onion-ssh";
@@ -269,6 +274,46 @@ pub fn ngircd_conf() -> String {
         .into()
 }
 
+/// The chat client's sandbox contents, or `None` when the image has no irssi: the program, its
+/// library closure (resolved in the image, with the symlinks on the way), the data it reads,
+/// and the files it may execute (itself and the ELF interpreter).
+pub fn client_plan(tree: &Tree, server: std::net::SocketAddr) -> Result<Option<cloister_plan::ChatClient>> {
+    if tree.get(Path::new(IRSSI)).is_none() {
+        return Ok(None);
+    }
+    let closure = elf::needed_closure(tree.staging(), Path::new(IRSSI))
+        .with_context(|| format!("libraries of /{IRSSI}"))?;
+    let abs = |rel: &Path| Path::new("/").join(rel);
+    let interpreters = closure.iter().filter(|rel| {
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        name.starts_with("ld-linux") && tree.get(rel).is_some_and(|n| n.kind == Kind::File)
+    });
+    let executables: Vec<PathBuf> =
+        std::iter::once(abs(Path::new(IRSSI))).chain(interpreters.map(|r| abs(r))).collect();
+    if executables.len() != 2 {
+        bail!("/{IRSSI}: expected one ELF interpreter among its libraries, found {:?}", &executables[1..]);
+    }
+    let mut files: Vec<PathBuf> =
+        std::iter::once(abs(Path::new(IRSSI))).chain(closure.iter().map(|r| abs(r))).collect();
+    files.extend(CLIENT_DATA.iter().map(Path::new).filter(|rel| tree.get(rel).is_some()).map(abs));
+    // The launch chain's last link is PID 1's own binary, started inside the view before it
+    // execs irssi: its libraries must be there too. None of them is a program.
+    let init = Path::new(cloister_proto::STAGE2_PATH.trim_start_matches('/'));
+    if tree.get(init).is_some() {
+        let libs = elf::needed_closure(tree.staging(), init).context("libraries of PID 1")?;
+        files.extend(libs.iter().map(|r| abs(r)));
+    }
+    files.sort();
+    files.dedup();
+    Ok(Some(cloister_plan::ChatClient {
+        exec: abs(Path::new(IRSSI)),
+        files,
+        executables,
+        homes: HOMES.into(),
+        server,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,27 +374,4 @@ mod tests {
             .all(|u| u.shell.as_deref() == Some(SHELL) && u.primary_group.as_deref() == Some("chat")));
         assert!(users.iter().filter(|u| u.shell.is_none()).all(|u| u.password_hash.is_none()));
     }
-}
-
-/// The chat client's sandbox contents, or `None` when the image has no irssi: the program, its
-/// library closure (resolved in the image, with the symlinks on the way), the data it reads,
-/// and the files it may execute (itself and the ELF interpreter).
-pub fn client_plan(tree: &Tree, server: std::net::SocketAddr) -> Result<Option<cloister_plan::ChatClient>> {
-    if tree.get(Path::new(IRSSI)).is_none() {
-        return Ok(None);
-    }
-    let closure = elf::needed_closure(tree.staging(), Path::new(IRSSI))
-        .with_context(|| format!("libraries of /{IRSSI}"))?;
-    let abs = |rel: &Path| Path::new("/").join(rel);
-    let interpreters = closure.iter().filter(|rel| {
-        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        name.starts_with("ld-linux") && tree.get(rel).is_some_and(|n| n.kind == Kind::File)
-    });
-    let executables: Vec<PathBuf> = std::iter::once(abs(Path::new(IRSSI))).chain(interpreters.map(|r| abs(r))).collect();
-    if executables.len() != 2 {
-        bail!("/{IRSSI}: expected one ELF interpreter among its libraries, found {:?}", &executables[1..]);
-    }
-    let mut files: Vec<PathBuf> = std::iter::once(abs(Path::new(IRSSI))).chain(closure.iter().map(|r| abs(r))).collect();
-    files.extend(CLIENT_DATA.iter().map(Path::new).filter(|rel| tree.get(rel).is_some()).map(abs));
-    Ok(Some(cloister_plan::ChatClient { exec: abs(Path::new(IRSSI)), files, executables, homes: HOMES.into(), server }))
 }

@@ -66,8 +66,9 @@ pub fn build(
     let bin_dir = init_bin.parent().unwrap_or(Path::new("."));
     crate::chat::install(config, &mut tree, &accounts, bin_dir, test_tor_network)
         .context("writing the onion chat's configuration")?;
-    crate::services::install(config, &mut tree).context("resolving services")?;
+    // PID 1's binary first: the chat client's view needs its libraries (services::install).
     install_init(&mut tree, init_bin)?;
+    crate::services::install(config, &mut tree).context("resolving services")?;
     let kernel_version = modules::find_kernel_version(staging)?;
     modules::run_depmod(staging, &kernel_version)?;
     modules::record_depmod_outputs(&mut tree, &kernel_version)?;
