@@ -58,8 +58,10 @@ fn main() {
     }
     // Host tests apply the ruleset inside a namespace they made; the firewall's own guard
     // refuses the host's namespace.
-    if let Some(mode @ (firewall::APPLY_ARG | firewall::VERIFY_ARG)) = args.get(1).map(String::as_str) {
-        firewall::run_mode(mode, args.get(2));
+    if let Some(mode @ (firewall::APPLY_ARG | firewall::VERIFY_ARG | firewall::APPLY_CHAT_ARG)) =
+        args.get(1).map(String::as_str)
+    {
+        firewall::run_mode(mode, args.get(2), args.get(3));
     }
     // The DHCP client: a supervised child of PID 1, never PID 1 itself.
     if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {

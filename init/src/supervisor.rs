@@ -97,6 +97,8 @@ pub struct Supervisor<'a> {
     control: Option<UnixListener>,
     clients: Vec<Client>,
     chat_netns: PathBuf,
+    /// Why the chat namespace (or its firewall) is not there: its services cannot start.
+    chat_netns_failed: Option<String>,
     kmsg: Option<File>,
     network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
     /// The onion address, once shown on the console.
@@ -122,6 +124,7 @@ impl<'a> Supervisor<'a> {
             control: None,
             clients: Vec::new(),
             chat_netns: run_dir.join("netns").join(NetNs::Chat.name()),
+            chat_netns_failed: None,
             kmsg: None,
             network: None,
             onion: None,
@@ -130,12 +133,20 @@ impl<'a> Supervisor<'a> {
         if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
             sup.note(&format!("cloister: {}: {e}", run_dir.join("root").display()));
         }
-        if let Err(e) = crate::netns::create(&sup.chat_netns) {
-            sup.note(&format!("cloister: chat network namespace: {e}"));
+        let chat_netns = crate::netns::create(&sup.chat_netns).map_err(|e| e.to_string()).and_then(|()| {
+            match sup.plan.chat.as_ref().and_then(|c| c.firewall.as_ref()) {
+                Some(fw) => crate::firewall::apply_chat_namespace(&sup.chat_netns, fw).map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = &chat_netns {
+            // Fail closed: nothing runs in a chat namespace that is missing or unguarded.
+            sup.note(&format!("cloister: chat network namespace: {e}; nothing will run in it"));
+            sup.chat_netns_failed = Some(e.clone());
         }
         if let Some(chat) = &sup.plan.chat {
             let context = ChatContext {
-                client: chat.client.clone(),
+                client: chat.client.clone().filter(|_| chat_netns.is_ok()),
                 passwd: "/etc/passwd".into(),
                 config_dir: run_dir.join("chat"),
                 netns: Some(sup.chat_netns.clone()),
@@ -362,9 +373,15 @@ impl<'a> Supervisor<'a> {
     }
 
     fn start(&mut self, i: usize) {
-        let netns = match self.units[i].svc.namespaces.net {
-            NetNs::Host => None,
-            NetNs::Chat => Some(self.chat_netns.clone()),
+        let netns = match (self.units[i].svc.namespaces.net, &self.chat_netns_failed) {
+            (NetNs::Host, _) => None,
+            (NetNs::Chat, None) => Some(self.chat_netns.clone()),
+            (NetNs::Chat, Some(why)) => {
+                let event = format!("{} cannot start: chat network namespace: {why}", service_event::FAILED);
+                self.event(i, &event);
+                self.units[i].state = State::Failed;
+                return;
+            }
         };
         match spawn(&self.units[i].svc, netns, &self.run_dir.join("root"), &self.plan.hostname) {
             Ok((pid, log, status)) => {

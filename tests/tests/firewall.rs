@@ -55,6 +55,23 @@ table inet cloister {
 }
 "#;
 
+/// The chat namespace's policy, by hand (gateway uid 4343, chat group 2000).
+const CHAT_REFERENCE_NFT: &str = r#"
+table inet cloister {
+    chain output {
+        type filter hook output priority filter; policy accept;
+        ct state established,related accept
+        meta skuid 4343 tcp dport 6668 accept
+        meta skuid 0 tcp dport 6668 accept
+        tcp dport 6668 counter drop
+        meta skgid 2000 tcp dport 6667 accept
+        meta skgid 2000 counter drop
+    }
+}
+"#;
+const GATEWAY_UID: u32 = 4343;
+const CHAT_GID: u32 = 2000;
+
 /// A fresh namespace named after this process and `tag`.
 fn netns(tag: &str) -> Result<TestNetns> {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -77,6 +94,10 @@ struct Scratch {
 }
 
 fn plan_file() -> Result<Scratch> {
+    plan_file_with(None)
+}
+
+fn plan_file_with(chat: Option<cloister_plan::ChatPlan>) -> Result<Scratch> {
     let dir = tempfile::tempdir()?;
     let plan = Plan {
         hostname: "localhost".into(),
@@ -85,7 +106,7 @@ fn plan_file() -> Result<Scratch> {
         services: vec![],
         firewall: FirewallPlan { tor_uid: Some(TOR_UID), ..FirewallPlan::default() },
         network: Default::default(),
-        chat: None,
+        chat,
     };
     let path = dir.path().join("plan.json");
     std::fs::write(&path, plan.to_json())?;
@@ -148,6 +169,66 @@ fn firewall_matches_the_reference_nft_policy() -> Result<()> {
     // Applying again replaces the table atomically instead of adding a second copy.
     apply(&ours, &host.init, &s.plan)?;
     ensure!(normalise(&ruleset_json(&ours)?) == b, "a second apply changed the ruleset");
+    Ok(())
+}
+
+/// PID 1's way in: from outside the namespace, by its pin. Then nft's view against the hand-written
+/// policy, and loopback traffic: only the gateway's uid reaches the IRC server's port, the chat
+/// group reaches only the gateway, anyone else is unaffected.
+#[test]
+fn chat_namespace_firewall_keeps_users_on_the_gateway() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-chat") else { return Ok(()) };
+    let chat = cloister_plan::ChatPlan {
+        gid: CHAT_GID,
+        ssh_host_key: "/nonexistent".into(),
+        onion_hostname: "/nonexistent".into(),
+        client: None,
+        firewall: Some(cloister_plan::ChatFirewallPlan {
+            gateway_uid: GATEWAY_UID,
+            gateway_port: 6667,
+            server_port: 6668,
+            chat_gid: CHAT_GID,
+        }),
+    };
+    let s = plan_file_with(Some(chat))?;
+    let ns = netns("chat")?;
+    let reference = netns("chatref")?;
+    let pin = format!("/run/netns/{}", ns.name);
+    let out = std::process::Command::new(&host.init)
+        .args(["--firewall-apply-chat", &s.plan.to_string_lossy(), &pin])
+        .output()?;
+    ensure!(out.status.success(), "{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("chat.nft");
+    std::fs::write(&file, CHAT_REFERENCE_NFT)?;
+    reference.ensure_not_host()?;
+    reference.exec(&["nft", "-f", &file.to_string_lossy()])?;
+    let (a, b) = (normalise(&ruleset_json(&ns)?), normalise(&ruleset_json(&reference)?));
+    ensure!(a == b, "ours:\n{a:#}\nreference:\n{b:#}");
+    ns.exec(&["ip", "link", "set", "lo", "up"])?;
+    let mut listeners = Vec::new();
+    for port in ["6667", "6668", "2222"] {
+        let child = ns.cmd(&[PROBE, "listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).spawn()?;
+        listeners.push(KillOnDrop(child));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = |uid: u32, gid: u32, port: &str| -> Result<bool> {
+        let (uid, gid) = (uid.to_string(), gid.to_string());
+        let out = ns
+            .cmd(&["setpriv", "--reuid", &uid, "--regid", &gid, "--clear-groups", "busybox", "nc", "-w", "2"])
+            .args(["127.0.0.1", port])
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out.status.success())
+    };
+    let user = 5001;
+    ensure!(connect(GATEWAY_UID, GATEWAY_UID, "6668")?, "the gateway could not reach the server");
+    ensure!(!connect(NOBODY, NOBODY, "6668")?, "another uid reached the server's port");
+    ensure!(connect(user, CHAT_GID, "6667")?, "a chat user could not reach the gateway");
+    ensure!(!connect(user, CHAT_GID, "6668")?, "a chat user reached the server directly");
+    ensure!(!connect(user, CHAT_GID, "2222")?, "a chat user reached another port");
+    ensure!(connect(NOBODY, NOBODY, "2222")?, "a service's connection was dropped");
+    ensure!(counter(&ns, "output", &["skgid", "\"drop\""])? > 0, "the chat group's drop counter did not move");
     Ok(())
 }
 

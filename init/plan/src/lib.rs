@@ -56,6 +56,21 @@ pub struct ChatPlan {
     /// The IRC client `chat` starts, when the image carries one.
     #[serde(default)]
     pub client: Option<ChatClient>,
+    /// The chat namespace's own firewall, when the image has the IRC gateway and server.
+    #[serde(default)]
+    pub firewall: Option<ChatFirewallPlan>,
+}
+
+/// Who may connect where inside the `chat` network namespace: only the gateway's uid (and root,
+/// whose readiness checks connect) to the IRC server's port; chat users' processes (their
+/// group) only to the gateway's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatFirewallPlan {
+    pub gateway_uid: u32,
+    pub gateway_port: u16,
+    pub server_port: u16,
+    pub chat_gid: u32,
 }
 
 /// What PID 1 needs to start a chat user's IRC client (irssi) in its sandbox.

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cloister_plan::{FirewallPlan, Plan};
+use cloister_plan::{ChatFirewallPlan, FirewallPlan, Plan};
 
 use crate::cmdline::Cmdline;
 
@@ -21,6 +21,9 @@ use crate::cmdline::Cmdline;
 /// ruleset and verify it, or only verify what is live against it.
 pub const APPLY_ARG: &str = "--firewall-apply";
 pub const VERIFY_ARG: &str = "--firewall-verify";
+/// `--firewall-apply-chat <plan.json> <pinned namespace>`: the chat namespace's ruleset, applied
+/// from outside as PID 1 does it.
+pub const APPLY_CHAT_ARG: &str = "--firewall-apply-chat";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
@@ -34,6 +37,8 @@ pub enum FirewallError {
     ReadBack(nfnl::NfnlError),
     #[error("live ruleset differs from the intended one: {}", .0.join("; "))]
     Mismatch(Vec<String>),
+    #[error("enter or leave a network namespace: {0}")]
+    Enter(nix::Error),
 }
 
 /// How long the two kernel round trips took.
@@ -106,6 +111,33 @@ pub fn apply_and_verify(plan: &FirewallPlan) -> Result<Timing, FirewallError> {
     Ok(timing)
 }
 
+/// Applies the `chat` namespace's ruleset inside the namespace pinned at `pin` and verifies it
+/// there. The caller (PID 1, single-threaded) enters that namespace and always comes back. The
+/// guard: `pin` must be a namespace other than the one we are in, which a test's or the
+/// machine's own never is.
+pub fn apply_chat_namespace(pin: &Path, plan: &ChatFirewallPlan) -> Result<(), FirewallError> {
+    use std::os::fd::AsFd;
+    use nix::sched::{setns, CloneFlags};
+    let open = |path: &'static str| {
+        std::fs::File::open(path).map_err(|source| FirewallError::Namespace { path, source })
+    };
+    let own = open("/proc/self/ns/net")?;
+    let target = std::fs::File::open(pin).map_err(|source| FirewallError::Namespace { path: "chat namespace", source })?;
+    let id = |f: &std::fs::File| f.metadata().map(|m| (m.dev(), m.ino()));
+    let same = id(&own).ok().is_some_and(|o| id(&target).is_ok_and(|t| t == o));
+    if same {
+        return Err(FirewallError::HostNamespace);
+    }
+    let rs = model::chat_ruleset(plan);
+    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(FirewallError::Enter)?;
+    let result = kernel::apply(&rs)
+        .map_err(FirewallError::Apply)
+        .and_then(|()| kernel::read_back(&rs.table).map_err(FirewallError::ReadBack))
+        .and_then(|live| check(&rs, &live));
+    let back = setns(own.as_fd(), CloneFlags::CLONE_NEWNET).map_err(FirewallError::Enter);
+    result.and(back)
+}
+
 /// Compares what is live with the plan's ruleset, changing nothing.
 pub fn verify_live(plan: &FirewallPlan) -> Result<(), FirewallError> {
     let rs = model::ruleset(plan);
@@ -138,9 +170,10 @@ pub fn firewall_step(plan: &FirewallPlan) -> Result<(), String> {
     apply_and_verify(plan).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// `--firewall-apply|--firewall-verify <plan.json>` in the current network namespace; prints
+/// `--firewall-apply|--firewall-verify <plan.json>` in the current network namespace (or
+/// `--firewall-apply-chat <plan.json> <pin>` in the pinned one); prints
 /// the outcome and exits 0 on success, 1 on failure, 2 on bad usage.
-pub fn run_mode(mode: &str, plan: Option<&String>) -> ! {
+pub fn run_mode(mode: &str, plan: Option<&String>, pin: Option<&String>) -> ! {
     let Some(path) = plan else {
         eprintln!("usage: cloister-init {mode} <plan.json>");
         std::process::exit(2)
@@ -152,7 +185,17 @@ pub fn run_mode(mode: &str, plan: Option<&String>) -> ! {
             std::process::exit(2)
         }
     };
-    let result = if mode == APPLY_ARG {
+    let result = if mode == APPLY_CHAT_ARG {
+        match (plan.chat.as_ref().and_then(|c| c.firewall.as_ref()), pin) {
+            (Some(fw), Some(pin)) => {
+                apply_chat_namespace(Path::new(pin), fw).map(|()| "firewall: chat namespace applied and verified".into())
+            }
+            _ => {
+                eprintln!("usage: cloister-init {mode} <plan.json with chat.firewall> <pinned namespace>");
+                std::process::exit(2)
+            }
+        }
+    } else if mode == APPLY_ARG {
         apply_and_verify(&plan.firewall).map(|t| {
             format!(
                 "firewall: applied and verified (apply {} us, read back {} us)",

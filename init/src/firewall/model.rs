@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use cloister_plan::{FirewallPlan, UPLINK_AUTO};
+use cloister_plan::{ChatFirewallPlan, FirewallPlan, UPLINK_AUTO};
 
 use super::expr::{self, Expr, BASE_TRANSPORT, CMP_EQ, CMP_NEQ, CT_STATE, REG_1};
 
@@ -24,6 +24,7 @@ const NFPROTO_IPV6: u8 = 10;
 const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
 const META_SKUID: u32 = 10;
+const META_SKGID: u32 = 11;
 const META_NFPROTO: u32 = 15;
 const META_L4PROTO: u32 = 16;
 
@@ -72,6 +73,7 @@ pub enum Match {
     /// Any of these conntrack states.
     CtState(Vec<ConnState>),
     Skuid(u32),
+    Skgid(u32),
     /// `meta l4proto`; the port matches below need it before them.
     Tcp,
     Udp,
@@ -148,6 +150,7 @@ impl Match {
             Match::Oifname(name) => out.extend([meta(META_OIFNAME), eq(ifname(name))]),
             Match::Ipv6 => out.extend([meta(META_NFPROTO), eq(vec![NFPROTO_IPV6])]),
             Match::Skuid(uid) => out.extend([meta(META_SKUID), eq(uid.to_ne_bytes().to_vec())]),
+            Match::Skgid(gid) => out.extend([meta(META_SKGID), eq(gid.to_ne_bytes().to_vec())]),
             Match::Tcp => out.extend([meta(META_L4PROTO), eq(vec![IPPROTO_TCP])]),
             Match::Udp => out.extend([meta(META_L4PROTO), eq(vec![IPPROTO_UDP])]),
             Match::Sport(p) => out.extend([port(0), eq(p.to_be_bytes().to_vec())]),
@@ -237,6 +240,27 @@ pub fn ruleset(plan: &FirewallPlan) -> Ruleset {
     }
 }
 
+/// The `chat` namespace's ruleset. It has loopback only, so only `output` matters, and only
+/// for two kinds of connection: the IRC server's port takes new ones from the gateway's uid and
+/// root (PID 1's readiness checks) alone, so nothing reaches ngircd unfiltered; chat users'
+/// processes (irssi, and sshd's session processes) may open new ones only to the gateway. Our
+/// services are otherwise unaffected (policy accept).
+pub fn chat_ruleset(plan: &ChatFirewallPlan) -> Ruleset {
+    use Match::*;
+    use Verdict::*;
+    let mut output = vec![Rule::new(vec![CtState(vec![ConnState::Established, ConnState::Related])]).then(Accept)];
+    for uid in [plan.gateway_uid, 0] {
+        output.push(Rule::new(vec![Skuid(uid), Tcp, Dport(plan.server_port)]).then(Accept));
+    }
+    output.push(Rule::new(vec![Tcp, Dport(plan.server_port)]).counted().then(Drop));
+    output.push(Rule::new(vec![Skgid(plan.chat_gid), Tcp, Dport(plan.gateway_port)]).then(Accept));
+    output.push(Rule::new(vec![Skgid(plan.chat_gid)]).counted().then(Drop));
+    Ruleset {
+        table: TABLE.into(),
+        chains: vec![Chain { name: "output", hook: Hook::Output, policy: Accept, rules: output }],
+    }
+}
+
 /// nft syntax, for people reading an error.
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -252,6 +276,7 @@ impl fmt::Display for Rule {
                     format!("ct state {}", names.join(","))
                 }
                 Match::Skuid(uid) => format!("meta skuid {uid}"),
+                Match::Skgid(gid) => format!("meta skgid {gid}"),
                 Match::Tcp => {
                     l4 = "tcp";
                     "meta l4proto tcp".into()
@@ -335,6 +360,26 @@ mod tests {
         assert_eq!(input[4], "meta l4proto udp udp sport 67 udp dport 68 accept");
         assert_eq!(input.len(), 6);
         assert_eq!(texts(&rs, "forward").len(), 1);
+    }
+
+    #[test]
+    fn chat_namespace_keeps_users_on_the_gateway_and_the_server_for_it() {
+        let plan = ChatFirewallPlan { gateway_uid: 111, gateway_port: 6667, server_port: 6668, chat_gid: 2000 };
+        let rs = chat_ruleset(&plan);
+        assert_eq!(rs.table, "cloister");
+        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook, c.policy)).collect();
+        assert_eq!(names, [("output", Hook::Output, Verdict::Accept)]);
+        assert_eq!(
+            texts(&rs, "output"),
+            [
+                "ct state established,related accept",
+                "meta skuid 111 meta l4proto tcp tcp dport 6668 accept",
+                "meta skuid 0 meta l4proto tcp tcp dport 6668 accept",
+                "meta l4proto tcp tcp dport 6668 counter drop",
+                "meta skgid 2000 meta l4proto tcp tcp dport 6667 accept",
+                "meta skgid 2000 counter drop",
+            ]
+        );
     }
 
     #[test]

@@ -80,7 +80,27 @@ fn chat_plan(config: &Config, acc: &Accounts, tree: &Tree) -> Result<Option<cloi
         ssh_host_key: crate::chat::SSH_HOST_KEY.into(),
         onion_hostname: crate::chat::ONION_HOSTNAME.into(),
         client,
+        firewall: chat_firewall(config, acc, gid),
     }))
+}
+
+/// The chat namespace's firewall, when it has the gateway and the IRC server: their ports are
+/// where their readiness checks connect, the gateway's uid is its service user's.
+fn chat_firewall(config: &Config, acc: &Accounts, chat_gid: u32) -> Option<cloister_plan::ChatFirewallPlan> {
+    let port = |name: &str| {
+        let svc = config.services.get(name).filter(|s| s.enabled)?;
+        match svc.ready.0 {
+            cloister_plan::Readiness::Tcp(addr) => Some(addr.port()),
+            _ => None,
+        }
+    };
+    let gateway_user = config.services.get("ircgate")?.user.as_deref()?;
+    Some(cloister_plan::ChatFirewallPlan {
+        gateway_uid: acc.user(gateway_user)?.uid,
+        gateway_port: port("ircgate")?,
+        server_port: port("ngircd")?,
+        chat_gid,
+    })
 }
 
 /// `[network]` in the plan's form (already checked when the config was read; checked again
