@@ -135,7 +135,9 @@ impl<'a> Supervisor<'a> {
         }
         let chat_netns = crate::netns::create(&sup.chat_netns).map_err(|e| e.to_string()).and_then(|()| {
             match sup.plan.chat.as_ref().and_then(|c| c.firewall.as_ref()) {
-                Some(fw) => crate::firewall::apply_chat_namespace(&sup.chat_netns, fw).map_err(|e| e.to_string()),
+                Some(fw) => {
+                    crate::firewall::apply_chat_namespace(&sup.chat_netns, fw).map_err(|e| e.to_string())
+                }
                 None => Ok(()),
             }
         });

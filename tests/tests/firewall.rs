@@ -228,7 +228,10 @@ fn chat_namespace_firewall_keeps_users_on_the_gateway() -> Result<()> {
     ensure!(!connect(user, CHAT_GID, "6668")?, "a chat user reached the server directly");
     ensure!(!connect(user, CHAT_GID, "2222")?, "a chat user reached another port");
     ensure!(connect(NOBODY, NOBODY, "2222")?, "a service's connection was dropped");
-    ensure!(counter(&ns, "output", &["skgid", "\"drop\""])? > 0, "the chat group's drop counter did not move");
+    ensure!(
+        counter(&ns, "output", &["skgid", "\"drop\""])? > 0,
+        "the chat group's drop counter did not move"
+    );
     Ok(())
 }
 

@@ -361,7 +361,12 @@ impl Ssh<'_> {
     /// `scp` of `remote` (a path on the appliance) to `local`, with the same options as ssh.
     fn scp(&self, user: &str, remote: &str, local: &Path) -> Result<Output> {
         let tail = [format!("{user}@{}:{remote}", self.onion), local.display().to_string()];
-        let child = self.client("scp", user, &[], &tail)?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let child = self
+            .client("scp", user, &[], &tail)?
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
         finish(child, "", Duration::from_secs(300))
     }
 
@@ -457,25 +462,54 @@ impl Ssh<'_> {
     }
 }
 
+/// Feeds `input`, collects stdout and stderr as they come (a remote terminal echoes what it
+/// gets: an undrained pipe would stall the whole chain), and waits up to `timeout`.
 fn finish(mut child: std::process::Child, input: &str, timeout: Duration) -> Result<Output> {
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input.as_bytes());
-        // Keep stdin open briefly so that a remote terminal reads the input before EOF.
+        let input = input.as_bytes().to_vec();
         std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+            // Kept open briefly so that a remote terminal reads the input before EOF.
             std::thread::sleep(Duration::from_secs(20));
             drop(stdin);
         });
     }
+    // A receiver, not a join: the ProxyCommand may hold a pipe open after ssh is gone.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let out = drain(child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>));
+    let err = drain(child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>));
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("ssh did not finish within {timeout:?}: {}", both(&child.wait_with_output()?));
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = out.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let stderr = err.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let output = Output {
+        status: status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(9)),
+        stdout,
+        stderr,
+    };
+    match status {
+        Some(_) => Ok(output),
+        None => bail!("ssh did not finish within {timeout:?}: {}", tail(&both(&output))),
     }
 }
 

@@ -116,13 +116,14 @@ pub fn apply_and_verify(plan: &FirewallPlan) -> Result<Timing, FirewallError> {
 /// guard: `pin` must be a namespace other than the one we are in, which a test's or the
 /// machine's own never is.
 pub fn apply_chat_namespace(pin: &Path, plan: &ChatFirewallPlan) -> Result<(), FirewallError> {
-    use std::os::fd::AsFd;
     use nix::sched::{setns, CloneFlags};
+    use std::os::fd::AsFd;
     let open = |path: &'static str| {
         std::fs::File::open(path).map_err(|source| FirewallError::Namespace { path, source })
     };
     let own = open("/proc/self/ns/net")?;
-    let target = std::fs::File::open(pin).map_err(|source| FirewallError::Namespace { path: "chat namespace", source })?;
+    let target = std::fs::File::open(pin)
+        .map_err(|source| FirewallError::Namespace { path: "chat namespace", source })?;
     let id = |f: &std::fs::File| f.metadata().map(|m| (m.dev(), m.ino()));
     let same = id(&own).ok().is_some_and(|o| id(&target).is_ok_and(|t| t == o));
     if same {
@@ -187,9 +188,8 @@ pub fn run_mode(mode: &str, plan: Option<&String>, pin: Option<&String>) -> ! {
     };
     let result = if mode == APPLY_CHAT_ARG {
         match (plan.chat.as_ref().and_then(|c| c.firewall.as_ref()), pin) {
-            (Some(fw), Some(pin)) => {
-                apply_chat_namespace(Path::new(pin), fw).map(|()| "firewall: chat namespace applied and verified".into())
-            }
+            (Some(fw), Some(pin)) => apply_chat_namespace(Path::new(pin), fw)
+                .map(|()| "firewall: chat namespace applied and verified".into()),
             _ => {
                 eprintln!("usage: cloister-init {mode} <plan.json with chat.firewall> <pinned namespace>");
                 std::process::exit(2)

@@ -248,7 +248,8 @@ pub fn ruleset(plan: &FirewallPlan) -> Ruleset {
 pub fn chat_ruleset(plan: &ChatFirewallPlan) -> Ruleset {
     use Match::*;
     use Verdict::*;
-    let mut output = vec![Rule::new(vec![CtState(vec![ConnState::Established, ConnState::Related])]).then(Accept)];
+    let mut output =
+        vec![Rule::new(vec![CtState(vec![ConnState::Established, ConnState::Related])]).then(Accept)];
     for uid in [plan.gateway_uid, 0] {
         output.push(Rule::new(vec![Skuid(uid), Tcp, Dport(plan.server_port)]).then(Accept));
     }
@@ -364,7 +365,8 @@ mod tests {
 
     #[test]
     fn chat_namespace_keeps_users_on_the_gateway_and_the_server_for_it() {
-        let plan = ChatFirewallPlan { gateway_uid: 111, gateway_port: 6667, server_port: 6668, chat_gid: 2000 };
+        let plan =
+            ChatFirewallPlan { gateway_uid: 111, gateway_port: 6667, server_port: 6668, chat_gid: 2000 };
         let rs = chat_ruleset(&plan);
         assert_eq!(rs.table, "cloister");
         let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook, c.policy)).collect();
