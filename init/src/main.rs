@@ -26,6 +26,7 @@ mod mounts;
 mod netns;
 mod network;
 mod passphrase;
+mod passwd;
 mod power;
 mod root;
 mod sandbox;
@@ -62,6 +63,10 @@ fn main() {
         args.get(1).map(String::as_str)
     {
         firewall::run_mode(mode, args.get(2), args.get(3));
+    }
+    // A chat user's password change: a child of PID 1 (session socket `passwd`).
+    if args.get(1).map(String::as_str) == Some(passwd::PASSWD_ARG) {
+        passwd::run_mode(args.get(2));
     }
     // The DHCP client: a supervised child of PID 1, never PID 1 itself.
     if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {

@@ -17,6 +17,7 @@ use cloister_plan::ChatClient;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
 use nix::unistd::Pid;
+use zeroize::{Zeroize, Zeroizing};
 
 use cloister_proto::session::{is_valid_lang, is_valid_term};
 
@@ -75,6 +76,25 @@ struct Conn {
     /// Descriptors that came with the bytes in `buf`, for the request they belong to.
     fds: Vec<OwnedFd>,
     chat: Option<Running>,
+    /// After `passwd`: the two lines that follow are secrets, collected here, never parsed.
+    secrets: Option<Vec<Zeroizing<String>>>,
+    /// A running password change.
+    passwd: Option<Job>,
+}
+
+/// A child of PID 1 working for a session; SIGKILLed with its process group if the session
+/// ends first.
+struct Job {
+    pid: Option<Pid>,
+    out: Lines,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
 }
 
 /// One request, parsed.
@@ -125,6 +145,17 @@ impl Sessions {
         });
         for i in 0..conns.len() {
             while let Some(line) = conns[i].take_line() {
+                if let Some(secrets) = conns[i].secrets.as_mut() {
+                    secrets.push(Zeroizing::new(line));
+                    if secrets.len() == 2 {
+                        let answer = start_passwd(&mut conns[i], note);
+                        conns[i].buf.zeroize();
+                        if let Some(answer) = answer {
+                            conns[i].send(&answer);
+                        }
+                    }
+                    continue;
+                }
                 let answer = match parse(&line) {
                     Ok(Request::Hello) => Some(hello(&conns, i, note)),
                     Ok(Request::Chat { term, lang }) => {
@@ -137,7 +168,8 @@ impl Sessions {
                         None
                     }
                     Ok(Request::Passwd) => {
-                        Some("error changing passwords is not available on this build".into())
+                        conns[i].secrets = Some(Vec::new());
+                        None
                     }
                     Err(why) => Some(format!("error {why}")),
                 };
@@ -160,6 +192,22 @@ impl Sessions {
     /// A child of PID 1 ended: when it is a chat client's launcher, its session learns
     /// `exited <code>` (or that the client never started). Returns whether it was one.
     pub fn on_exit(&mut self, pid: Pid, code: i32, note: &mut dyn FnMut(&str)) -> bool {
+        let is_job = |c: &&mut Conn| c.passwd.as_ref().is_some_and(|j| j.pid == Some(pid));
+        if let Some(conn) = self.conns.iter_mut().find(is_job) {
+            let Some(mut job) = conn.passwd.take() else { return false };
+            // Reaped: never signal that pid again.
+            job.pid = None;
+            let said = job.out.take().into_iter().chain(job.out.rest()).next().unwrap_or_default();
+            let answer = match (code, said.as_str()) {
+                (0, "ok") => "ok".to_string(),
+                (1, text) if text.starts_with("error ") => text.to_string(),
+                _ => "error the password cannot be changed now".to_string(),
+            };
+            let outcome = if code == 0 { "changed" } else { "not changed" };
+            note(&format!("cloister: password of uid {} {outcome}", conn.uid));
+            conn.send(&answer);
+            return true;
+        }
         let Some(conn) = self.conns.iter_mut().find(|c| c.chat.as_ref().is_some_and(|r| r.pid == Some(pid)))
         else {
             return false;
@@ -177,10 +225,12 @@ impl Sessions {
         true
     }
 
-    /// Kills every running chat client (shutdown).
+    /// Kills every running chat client and password change (shutdown; a change is either
+    /// renamed into place or not, never half written).
     pub fn stop_all(&mut self) {
         for c in &mut self.conns {
             c.chat = None;
+            c.passwd = None;
         }
     }
 
@@ -200,6 +250,8 @@ impl Sessions {
                     holds: false,
                     fds: Vec::new(),
                     chat: None,
+                    secrets: None,
+                    passwd: None,
                 });
             }
         }
@@ -214,6 +266,57 @@ fn hello(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
         return "busy".into();
     }
     "ok".into()
+}
+
+/// Starts the password change with the two lines that followed `passwd`; the answer comes
+/// when the child exits ([`Sessions::on_exit`]), or now if it cannot start.
+fn start_passwd(conn: &mut Conn, note: &mut dyn FnMut(&str)) -> Option<String> {
+    let secrets = conn.secrets.take().unwrap_or_default();
+    if !conn.holds {
+        return Some("error say hello first".into());
+    }
+    if conn.passwd.is_some() {
+        return Some("error a password change is already running".into());
+    }
+    let [current, new] = &secrets[..] else { return Some("error passwd takes two lines".into()) };
+    match spawn_passwd(conn.uid, current, new) {
+        Ok(job) => {
+            conn.passwd = Some(job);
+            None
+        }
+        Err(e) => {
+            note(&format!("cloister: password change for uid {}: {e}", conn.uid));
+            Some("error the password cannot be changed now".into())
+        }
+    }
+}
+
+/// `cloister-init --passwd <uid>` with both lines on its stdin and its answer on a pipe.
+fn spawn_passwd(uid: u32, current: &str, new: &str) -> Result<Job, String> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("/proc/self/exe")
+        .arg(crate::passwd::PASSWD_ARG)
+        .arg(uid.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env_clear()
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    let input = Zeroizing::new(format!("{current}\n{new}\n"));
+    // Two bounded lines fit a pipe's buffer: the write cannot block.
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(input.as_bytes()));
+    let out = child.stdout.take().map(|o| Lines::new(std::fs::File::from(std::os::fd::OwnedFd::from(o))));
+    match (written, out) {
+        (Some(Ok(())), Some(Ok(out))) => Ok(Job { pid: Some(pid), out }),
+        _ => {
+            let _ = killpg(pid, Signal::SIGKILL);
+            Err("could not pass the request to the child".into())
+        }
+    }
 }
 
 /// Starts the chat client on the terminal that came with the request; `None` until it is up
@@ -404,6 +507,27 @@ mod tests {
         assert_eq!(ask(&mut second, &mut s, &mut say, "hello"), "ok\n");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666);
+    }
+
+    /// The two lines after `passwd` are secrets: never parsed as requests (no "unknown request"
+    /// echoing them back), and without `hello` first nothing is changed.
+    #[test]
+    fn lines_after_passwd_are_not_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let gid = nix::unistd::getegid().as_raw();
+        let mut s = Sessions::open(&dir.path().join("sessions"), gid, ChatContext::default()).unwrap();
+        let mut c = UnixStream::connect(dir.path().join("sessions/socket")).unwrap();
+        c.write_all(b"passwd\nhello\nrm -rf /\nwinch\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        s.serve(&mut |_: &str| {});
+        c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut r = BufReader::new(c);
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        assert_eq!(answer, "error say hello first\n");
+        // `winch` after the secrets is a request again, and has no answer.
+        let mut more = String::new();
+        assert!(r.read_line(&mut more).is_err() || more.is_empty(), "{more:?}");
     }
 
     #[test]

@@ -819,7 +819,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn new(file: File) -> Result<Self, String> {
+    pub fn new(file: File) -> Result<Self, String> {
         let flags = fcntl(file.as_fd(), FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
         let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
         fcntl(file.as_fd(), FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
@@ -859,7 +859,7 @@ impl Lines {
     }
 
     /// An unterminated last line.
-    fn rest(&mut self) -> Option<String> {
+    pub fn rest(&mut self) -> Option<String> {
         (!self.buf.is_empty()).then(|| printable(&std::mem::take(&mut self.buf)))
     }
 }

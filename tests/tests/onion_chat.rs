@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use cloister_proto::marker;
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
+use cloister_tests::tornet;
 use cloister_tests::*;
 
 const TAP: &str = "ctap-onion";
@@ -129,6 +130,24 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         ensure!(text.contains("bye"), "the shell did not survive: {text}");
         Ok(())
     })?;
+    timed("passwd changes the password sshd checks", || {
+        let pw = ssh.password_file("alice");
+        let old = std::fs::read_to_string(&pw)?.trim_end().to_string();
+        let new = format!("new-{}", token()?);
+        let out = ssh.session("alice", &format!("passwd\n{old}\n{new}\n{new}\nexit\n"))?;
+        let text = both(&out);
+        ensure!(text.contains("password changed"), "{}", tail(&text));
+        ensure!(!text.contains(&new) && !text.contains(&old), "a password was echoed: {}", tail(&text));
+        std::fs::write(&pw, format!("{new}\n"))?;
+        let out = ssh.session("alice", "exit\n")?;
+        ensure!(both(&out).contains("bye"), "the new password does not log in: {}", both(&out));
+        std::fs::write(&pw, format!("{old}\n"))?;
+        let out = ssh.session("alice", "exit\n")?;
+        ensure!(!both(&out).contains("bye"), "the old password still logs in");
+        let wrong = ssh.session("bob", "passwd\nnot bob's password\nanother long password\nanother long password\nexit\n")?;
+        ensure!(both(&wrong).contains("the current password is wrong"), "{}", tail(&both(&wrong)));
+        Ok(())
+    })?;
     timed("a second login of the same user is refused while the first is open", || {
         let mut first = ssh.spawn_session("bob")?;
         let stdin = first.stdin.as_mut().context("stdin")?;
@@ -156,7 +175,7 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
 fn two_users_chat(ssh: &Ssh) -> Result<()> {
     let alice = Terminal::open(ssh, "alice")?;
     let bob = Terminal::open(ssh, "bob")?;
-    let result = chat_and_probe(&alice, &bob);
+    let result = chat_and_probe(&alice, &bob, ssh.net);
     std::fs::write(ssh.transcript, plain(&alice.text_since(0)))?;
     std::fs::write(ssh.transcript.with_extension("raw"), alice.text_since(0))?;
     result
@@ -186,7 +205,7 @@ fn plain(text: &str) -> String {
     out
 }
 
-fn chat_and_probe(alice: &Terminal, bob: &Terminal) -> Result<()> {
+fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
     for t in [alice, bob] {
         t.wait_for("chat> ", Duration::from_secs(120))?;
         t.send("chat\n")?;
@@ -195,6 +214,9 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal) -> Result<()> {
         t.send("/join #cloister\r")?;
         t.wait_for("has joined", Duration::from_secs(60))?;
     }
+    // Both are in the channel: the appliance's one real address shows nothing open meanwhile,
+    // and the chat still carries the tokens afterwards.
+    scan_finds_nothing_open(net)?;
     let (ta, tb) = (format!("alice-{}", token()?), format!("bob-{}", token()?));
     alice.send(&format!("{ta}\r"))?;
     bob.wait_for(&ta, Duration::from_secs(60)).context("bob never saw alice's token")?;
@@ -243,6 +265,33 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal) -> Result<()> {
         t.send("exit\n")?;
         t.wait_for("bye", Duration::from_secs(60))?;
     }
+    Ok(())
+}
+
+/// nmap from the test namespace against the appliance's lease (learned from the bridge's
+/// neighbour table, and checked to be inside the private network before a packet is sent):
+/// every TCP port and the 100 usual UDP ports; none may be open.
+fn scan_finds_nothing_open(net: &Net) -> Result<()> {
+    let neigh = netns_run(&net.netns, &["ip", "-j", "neigh", "show", "dev", "tornet0"])?;
+    let entries: serde_json::Value = serde_json::from_slice(&neigh.stdout)?;
+    let leased = entries.as_array().into_iter().flatten().filter_map(|e| e["dst"].as_str());
+    let ip: std::net::Ipv4Addr = leased
+        .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .find(|a| tornet::in_subnet(*a) && (100..=120).contains(&a.octets()[3]))
+        .context("the appliance's address is not in the bridge's neighbour table")?;
+    let target = ip.to_string();
+    let started = Instant::now();
+    for args in [&["-sS", "-p-"][..], &["-sU", "--top-ports", "100"][..]] {
+        let mut argv = vec!["nmap", "-Pn", "-n", "--max-retries", "1", "--min-rate", "2000", "-oG", "-"];
+        argv.extend_from_slice(args);
+        argv.push(&target);
+        let out = netns_run(&net.netns, &argv)?;
+        let text = stdout(&out);
+        let open: Vec<&str> = text.lines().filter(|l| l.contains("/open/")).collect();
+        ensure!(open.is_empty(), "nmap {args:?} found open ports on {target}: {open:?}");
+        ensure!(text.contains("Nmap done"), "nmap did not finish: {text}");
+    }
+    eprintln!("nmap: nothing open on {target} (all TCP, top 100 UDP) in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -358,6 +407,11 @@ impl Ssh<'_> {
         self.client("ssh", user, options, &tail)
     }
 
+    /// Where the password the next login of `user` types is kept (0600, the scratch directory).
+    fn password_file(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("password-{user}"))
+    }
+
     /// `scp` of `remote` (a path on the appliance) to `local`, with the same options as ssh.
     fn scp(&self, user: &str, remote: &str, local: &Path) -> Result<Output> {
         let tail = [format!("{user}@{}:{remote}", self.onion), local.display().to_string()];
@@ -375,7 +429,9 @@ impl Ssh<'_> {
     fn client(&self, program: &str, user: &str, options: &[&str], tail: &[String]) -> Result<Command> {
         let askpass = self.dir.join(format!("askpass-{user}"));
         if !askpass.exists() {
-            let pw = self.images.join(format!("chat-{user}"));
+            // The script reads the user's current password from a copy the test may replace.
+            let pw = self.password_file(user);
+            std::fs::copy(self.images.join(format!("chat-{user}")), &pw)?;
             std::fs::write(&askpass, format!("#!/bin/sh\ncat '{}'\n", pw.display()))?;
             std::os::unix::fs::PermissionsExt::set_mode(
                 &mut std::fs::metadata(&askpass)?.permissions(),

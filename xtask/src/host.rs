@@ -38,6 +38,8 @@ pub const TEST: &[&str] = &[
     "bmap-tools",
     // ssh to the appliance's onion service, and ssh-keygen in PID 1's unit tests.
     "openssh-client",
+    // Scans the appliance's address in the onion test while users chat.
+    "nmap",
 ];
 
 /// Test hook: a comma-separated list of packages to treat as missing, so the missing-package
