@@ -167,13 +167,11 @@ pub fn run_mode(uid: Option<&String>) -> ! {
         eprintln!("usage: cloister-init {PASSWD_ARG} <uid>");
         std::process::exit(2)
     };
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock();
-    let mut read = || {
+    let mut input = std::io::Read::take(std::io::stdin().lock(), 2 * MAX_LINE as u64 + 2);
+    let mut read = || -> Option<Zeroizing<String>> {
         let mut line = Zeroizing::new(String::new());
-        let ok = (&mut lines).take(MAX_LINE as u64).read_line(&mut line).is_ok_and(|n| n > 0);
-        let trimmed = Zeroizing::new(line.strip_suffix('\n').unwrap_or(&line).to_owned());
-        ok.then_some(trimmed)
+        input.read_line(&mut line).ok().filter(|n| *n > 0)?;
+        Some(Zeroizing::new(line.strip_suffix('\n').unwrap_or(&line).to_owned()))
     };
     let (Some(current), Some(new)) = (read(), read()) else {
         println!("error the request was incomplete");
@@ -221,7 +219,10 @@ mod tests {
     fn only_the_users_line_changes() {
         let shadow = "root:*:19000:0:99999:7:::\nalice:$6$a$b:19000:0:99999:7:::\nbob:$6$c$d:19001::::::\n";
         let out = replace_hash(shadow, "alice", "$y$new", 20000).unwrap();
-        assert_eq!(out, "root:*:19000:0:99999:7:::\nalice:$y$new:20000:0:99999:7:::\nbob:$6$c$d:19001::::::\n");
+        assert_eq!(
+            out,
+            "root:*:19000:0:99999:7:::\nalice:$y$new:20000:0:99999:7:::\nbob:$6$c$d:19001::::::\n"
+        );
         assert_eq!(replace_hash(shadow, "carol", "$y$x", 1), Err(PasswdError::NoUser));
         assert_eq!(shadow_hash(shadow, "bob"), Some("$6$c$d"));
         assert_eq!(shadow_hash(shadow, "bo"), None);

@@ -134,18 +134,25 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         let pw = ssh.password_file("alice");
         let old = std::fs::read_to_string(&pw)?.trim_end().to_string();
         let new = format!("new-{}", token()?);
-        let out = ssh.session("alice", &format!("passwd\n{old}\n{new}\n{new}\nexit\n"))?;
-        let text = both(&out);
-        ensure!(text.contains("password changed"), "{}", tail(&text));
-        ensure!(!text.contains(&new) && !text.contains(&old), "a password was echoed: {}", tail(&text));
+        // Each answer only after its prompt: the shell discards typed-ahead input when it
+        // turns echo off, so that nothing typed early is ever shown or taken as a password.
+        let answers =
+            [("current password: ", &old), ("new password: ", &new), ("new password again: ", &new)];
+        let said = passwd_dialogue(ssh, "alice", &answers)?;
+        ensure!(said.contains("password changed"), "{}", tail(&said));
+        ensure!(!said.contains(&new) && !said.contains(&old), "a password was shown on the terminal");
         std::fs::write(&pw, format!("{new}\n"))?;
         let out = ssh.session("alice", "exit\n")?;
         ensure!(both(&out).contains("bye"), "the new password does not log in: {}", both(&out));
         std::fs::write(&pw, format!("{old}\n"))?;
         let out = ssh.session("alice", "exit\n")?;
         ensure!(!both(&out).contains("bye"), "the old password still logs in");
-        let wrong = ssh.session("bob", "passwd\nnot bob's password\nanother long password\nanother long password\nexit\n")?;
-        ensure!(both(&wrong).contains("the current password is wrong"), "{}", tail(&both(&wrong)));
+        let wrong = "not the password".to_string();
+        let other = "another long password".to_string();
+        let answers =
+            [("current password: ", &wrong), ("new password: ", &other), ("new password again: ", &other)];
+        let said = passwd_dialogue(ssh, "bob", &answers)?;
+        ensure!(said.contains("the current password is wrong"), "{}", tail(&said));
         Ok(())
     })?;
     timed("a second login of the same user is refused while the first is open", || {
@@ -291,8 +298,32 @@ fn scan_finds_nothing_open(net: &Net) -> Result<()> {
         ensure!(open.is_empty(), "nmap {args:?} found open ports on {target}: {open:?}");
         ensure!(text.contains("Nmap done"), "nmap did not finish: {text}");
     }
-    eprintln!("nmap: nothing open on {target} (all TCP, top 100 UDP) in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "nmap: nothing open on {target} (all TCP, top 100 UDP) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// `passwd` at the shell of `user`, answering each prompt once it shows; returns what the
+/// terminal showed up to the shell's verdict, after which it logs out.
+fn passwd_dialogue(ssh: &Ssh, user: &str, answers: &[(&str, &String)]) -> Result<String> {
+    let t = Terminal::open(ssh, user)?;
+    t.wait_for("chat> ", Duration::from_secs(120))?;
+    t.send("passwd\n")?;
+    for (prompt, answer) in answers {
+        t.wait_for(prompt, Duration::from_secs(60))?;
+        t.send(&format!("{answer}\n"))?;
+    }
+    let verdict = ["password changed", "password not changed"];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !verdict.iter().any(|v| t.text_since(0).contains(v)) {
+        ensure!(Instant::now() < deadline, "{user}: no verdict from passwd: {}", tail(&t.text_since(0)));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.send("exit\n")?;
+    t.wait_for("bye", Duration::from_secs(60))?;
+    Ok(t.text_since(0))
 }
 
 fn token() -> Result<String> {
