@@ -4,6 +4,7 @@
 //! image file, the serial console and QMP only.
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod tools;
 pub mod tornet;
 

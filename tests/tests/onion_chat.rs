@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use cloister_proto::marker;
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
+use cloister_tests::capture::{self, Capture};
 use cloister_tests::tornet;
 use cloister_tests::*;
 
@@ -42,6 +43,8 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     let _tap = TapGuard(net.netns.clone());
     netns_run(&net.netns, &["ip", "link", "set", TAP, "master", "tornet0", "up"])?;
     let _udhcpd = start_udhcpd(&net.netns, &dir)?;
+    // Everything the appliance sends, from its first frame to power off, is judged at the end.
+    let capture = Capture::start(&net.netns)?;
     let config = VmConfig {
         cpus: 1,
         network: Network::Tap { netns: net.netns.clone(), tap: TAP.into(), mac: None },
@@ -73,8 +76,39 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
         Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
     })?;
     drop(vm);
+    let summary = judge_capture(&capture.finish()?)?;
+    std::fs::write(e2e.work.join("onion-chat-capture.txt"), &summary)?;
+    eprint!("{summary}");
     std::fs::remove_dir_all(dir)?;
     Ok(())
+}
+
+/// From boot to power off, through logins, chat and the scans, the appliance's MAC (the one
+/// that asked for a lease) sent ARP, DHCP and tor's TCP to the private network's relays only:
+/// no reply to any scan, no DNS, NTP or IPv6. Returns the counts per kind.
+fn judge_capture(frames: &[capture::Frame]) -> Result<String> {
+    let mac = capture::dhcp_client_mac(frames).context("no DHCP request in the capture")?;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut first_seen = std::collections::BTreeMap::<String, Duration>::new();
+    for f in frames.iter().filter(|f| f.src == mac) {
+        let kind = capture::classify(f);
+        *counts.entry(kind.clone()).or_default() += 1;
+        first_seen.entry(kind).or_insert(f.at);
+    }
+    let mut summary = format!(
+        "{} frames captured, from the appliance ({}):\n",
+        frames.len(),
+        mac.map(|b| format!("{b:02x}")).join(":")
+    );
+    for (kind, n) in &counts {
+        let at = first_seen.get(kind).map_or(0, Duration::as_millis);
+        summary.push_str(&format!("{n:>8}  {kind} (first at {at} ms)\n"));
+    }
+    let allowed = ["arp", "dhcp", capture::TOR_TO_TEST_RELAY];
+    let other: Vec<&String> = counts.keys().filter(|k| !allowed.contains(&k.as_str())).collect();
+    ensure!(other.is_empty(), "the appliance sent {other:?}:\n{summary}");
+    ensure!(counts.contains_key(capture::TOR_TO_TEST_RELAY), "no tor traffic seen:\n{summary}");
+    Ok(summary)
 }
 
 /// Everything else on the same VM: each refusal leaves the service working for the next.
@@ -94,6 +128,7 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         ensure!(!out.status.success() && !both(&out).contains("uid="), "sftp: {}", both(&out));
         Ok(())
     })?;
+    timed("local forwarding opens no channel", || local_forwarding_is_refused(ssh))?;
     timed("remote forwarding is refused", || {
         let opts = ["-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:7001:127.0.0.1:22", "-N"];
         let out = ssh.run("bob", &opts, &[], "")?;
@@ -229,7 +264,7 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
     bob.wait_for(&ta, Duration::from_secs(60)).context("bob never saw alice's token")?;
     bob.send(&format!("{tb}\r"))?;
     alice.wait_for(&tb, Duration::from_secs(60)).context("alice never saw bob's token")?;
-    let mark = alice.len();
+    let (mark, bob_mark) = (alice.len(), bob.len());
     // libc.so.6 is in the view and executable by its mode (it prints glibc's banner when run):
     // only landlock keeps irssi from running it.
     let probes = [
@@ -244,12 +279,17 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
         "/quote TIME",
         "/ctcp bob VERSION",
         "/ctcp bob TIME",
+        // A DCC offer: the CTCP that carries it never reaches bob, and no connection comes.
+        "/dcc chat bob",
         // Straight to ngircd, around the gate: the chat namespace's firewall drops it (if it
         // got through, ngircd's own welcome would name it, which the leak check catches).
         "/connect 127.0.0.1 6668",
     ];
     for line in probes {
         alice.send(&format!("{line}\r"))?;
+        // Lines that arrive together look like a paste to irssi, which then asks before
+        // sending them: one command at a time, as typed.
+        std::thread::sleep(Duration::from_secs(1));
     }
     // Server replies and /load's errors go to the status window: show it before the marker.
     alice.send("/window 1\r")?;
@@ -266,12 +306,58 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
     for leak in ["uid=", "ngircd", "Debian", "GNU C Library", "CTCP VERSION reply", "CTCP TIME reply"] {
         ensure!(!after.contains(leak), "{leak:?} came back to alice:\n{after}");
     }
+    let bob_saw = bob.text_since(bob_mark);
+    for offer in ["CTCP", "DCC"] {
+        ensure!(!bob_saw.contains(offer), "alice's {offer} reached bob:\n{}", plain(&bob_saw));
+    }
     for t in [alice, bob] {
         t.send("/quit\r")?;
         t.wait_for("chat ended", Duration::from_secs(60))?;
         t.send("exit\n")?;
         t.wait_for("bye", Duration::from_secs(60))?;
     }
+    Ok(())
+}
+
+/// `ssh -N -L` to the gateway: ssh listens on its side (inside the test namespace), but every
+/// connection to that port is turned away by sshd ("administratively prohibited"), so a client
+/// speaking IRC through it gets no welcome.
+fn local_forwarding_is_refused(ssh: &Ssh) -> Result<()> {
+    let opts = ["-N", "-L", "127.0.0.1:7002:127.0.0.1:6667"];
+    let mut fwd = ssh.command("bob", &opts, &[])?;
+    let child = fwd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut fwd = KillOnDrop(child);
+    // Read in a thread: the ProxyCommand keeps the pipe open a little after ssh is gone.
+    let (tx, said) = std::sync::mpsc::channel();
+    let mut err = fwd.0.stderr.take().context("stderr")?;
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        let _ = tx.send(text);
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reply = loop {
+        let mut nc = Command::new("ip")
+            .args(["netns", "exec", &ssh.net.netns, "busybox", "nc", "-w", "5", "127.0.0.1", "7002"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = nc.stdin.take() {
+            let _ = stdin.write_all(b"NICK probe\r\nUSER probe 0 * probe\r\n");
+        }
+        let out = nc.wait_with_output()?;
+        if out.status.success() {
+            break stdout(&out);
+        }
+        ensure!(Instant::now() < deadline, "ssh -L never listened: {}", both(&out));
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(!reply.contains(" 001 ") && !reply.contains("Welcome"), "IRC through -L: {reply}");
+    let _ = fwd.0.kill();
+    let _ = fwd.0.wait();
+    let said = said.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    ensure!(said.contains("administratively prohibited"), "ssh did not report a refusal: {said}");
     Ok(())
 }
 

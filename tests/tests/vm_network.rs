@@ -8,19 +8,15 @@
 //! directory.
 
 use std::fmt::Write as _;
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use cloister_proto::marker;
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
-use cloister_tests::tornet;
+use cloister_tests::capture::{classify, mac_of, Capture, Frame, TOR_TO_TEST_RELAY};
 use cloister_tests::*;
-use nix::sys::socket::{recv, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 
 const TAP: &str = "ctap0";
 const GATEWAY: &str = "10.78.0.1";
@@ -31,9 +27,6 @@ const TO_LEASE: Duration = Duration::from_secs(180);
 /// How long to keep listening after the lease, for anything else the appliance might send.
 const QUIET_AFTER_LEASE: Duration = Duration::from_secs(10);
 
-const ETH_ARP: u16 = 0x0806;
-const TOR_TO_TEST_RELAY: &str = "tcp to a relay of the private test network";
-const ETH_IPV4: u16 = 0x0800;
 
 #[test]
 fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<()> {
@@ -46,7 +39,8 @@ fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<
     ns.exec(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", TAP])?;
     ns.exec(&["ip", "link", "set", TAP, "up"])?;
     let _udhcpd = start_udhcpd(&ns, &dir)?;
-    let capture = Capture::start(&ns)?;
+    let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
+    let capture = Capture::start(&ns.name)?;
     let mac = QEMU_MAC.map(|b| format!("{b:02x}")).join(":");
     let network = Network::Tap { netns: ns.name.clone(), tap: TAP.into(), mac: Some(mac) };
     let config = VmConfig { cpus: 1, network, ..VmConfig::new(&disk, Firmware::find()?, &dir) };
@@ -65,7 +59,7 @@ fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<
         Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
     })?;
     let frames = capture.finish()?;
-    let summary = judge(&frames)?;
+    let summary = judge(&frames, tap_mac)?;
     std::fs::write(e2e.work.join("vm-network-capture.txt"), &summary)?;
     eprint!("{summary}");
     drop(vm);
@@ -75,9 +69,9 @@ fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<
 
 /// Every frame the appliance sent must be ARP or DHCP (UDP 68 -> 67), from one randomised,
 /// locally administered unicast MAC; returns a summary of the capture.
-fn judge(frames: &[Frame]) -> Result<String> {
+fn judge(frames: &[Frame], tap_mac: [u8; 6]) -> Result<String> {
     // Not the tap's own frames (udhcpd's replies), nor loopback's all-zero source.
-    let ours: Vec<&Frame> = frames.iter().filter(|f| f.src != f.tap_mac && f.src != [0; 6]).collect();
+    let ours: Vec<&Frame> = frames.iter().filter(|f| f.src != tap_mac && f.src != [0; 6]).collect();
     let mut summary =
         format!("{} frames captured on the tap, {} from the appliance\n", frames.len(), ours.len());
     let macs: std::collections::BTreeSet<[u8; 6]> = ours.iter().map(|f| f.src).collect();
@@ -97,28 +91,6 @@ fn judge(frames: &[Frame]) -> Result<String> {
     }
     ensure!(dhcp >= 2, "no DISCOVER and REQUEST seen ({dhcp} DHCP frames)");
     Ok(summary)
-}
-
-fn classify(f: &Frame) -> String {
-    match f.ethertype {
-        ETH_ARP => "arp".into(),
-        ETH_IPV4 => {
-            let ip = &f.payload;
-            let proto = ip.get(9).copied().unwrap_or(0);
-            let ihl = usize::from(ip.first().copied().unwrap_or(0) & 0x0f) * 4;
-            let port = |at: usize| ip.get(ihl + at..ihl + at + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
-            let dst = ip.get(16..20).map(|d| std::net::Ipv4Addr::new(d[0], d[1], d[2], d[3]));
-            let relay_port = |p: Option<u16>| p == Some(tornet::OR_PORT) || p == Some(tornet::DIR_PORT);
-            match (proto, port(0), port(2)) {
-                (17, Some(68), Some(67)) => "dhcp".into(),
-                (6, _, d) if relay_port(d) && dst.is_some_and(tornet::in_subnet) => TOR_TO_TEST_RELAY.into(),
-                (17, _, Some(53)) | (6, _, Some(53)) => "dns".into(),
-                (17, _, Some(123)) => "ntp".into(),
-                (p, s, d) => format!("ipv4 proto {p} {s:?} -> {d:?}"),
-            }
-        }
-        other => format!("ethertype {other:#06x}"),
-    }
 }
 
 fn start_udhcpd(ns: &TestNetns, dir: &Path) -> Result<KillOnDrop> {
@@ -141,72 +113,3 @@ fn start_udhcpd(ns: &TestNetns, dir: &Path) -> Result<KillOnDrop> {
     Ok(KillOnDrop(child))
 }
 
-/// One Ethernet frame seen on the tap, with when it was seen.
-struct Frame {
-    at: Duration,
-    src: [u8; 6],
-    tap_mac: [u8; 6],
-    ethertype: u16,
-    payload: Vec<u8>,
-}
-
-/// Every frame on the namespace's interfaces, captured by a thread that joined it.
-struct Capture {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<Vec<Frame>>>>,
-}
-
-impl Capture {
-    fn start(ns: &TestNetns) -> Result<Self> {
-        ns.ensure_not_host()?;
-        let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
-        let path = Path::new("/run/netns").join(&ns.name);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = std::thread::spawn(move || -> Result<Vec<Frame>> {
-            // Only this thread moves into the namespace; the socket belongs to it.
-            let file = std::fs::File::open(&path)?;
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let sock =
-                socket(AddressFamily::Packet, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::EthAll)?;
-            let _ = ready_tx.send(());
-            let started = Instant::now();
-            let mut frames = Vec::new();
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::SeqCst) {
-                match recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                    Ok(n) if n >= 14 => frames.push(Frame {
-                        at: started.elapsed(),
-                        src: buf[6..12].try_into()?,
-                        tap_mac,
-                        ethertype: u16::from_be_bytes([buf[12], buf[13]]),
-                        payload: buf[14..n].to_vec(),
-                    }),
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            Ok(frames)
-        });
-        ready_rx.recv_timeout(Duration::from_secs(5)).context("capture did not start")?;
-        Ok(Self { stop, thread: Some(thread) })
-    }
-
-    fn finish(mut self) -> Result<Vec<Frame>> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().context("joined twice")?.join().map_err(|_| anyhow::anyhow!("capture panicked"))?
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn mac_of(link: &serde_json::Value) -> Result<[u8; 6]> {
-    let text = link[0]["address"].as_str().context("no MAC address")?;
-    let bytes: Vec<u8> = text.split(':').map(|h| u8::from_str_radix(h, 16)).collect::<Result<_, _>>()?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {text}"))
-}
