@@ -44,7 +44,10 @@ impl Capture {
         let path = Path::new("/run/netns").join(netns);
         let pinned = std::fs::metadata(&path)?;
         let own = std::fs::metadata("/proc/self/ns/net")?;
-        anyhow::ensure!((pinned.dev(), pinned.ino()) != (own.dev(), own.ino()), "{netns} is our own namespace");
+        anyhow::ensure!(
+            (pinned.dev(), pinned.ino()) != (own.dev(), own.ino()),
+            "{netns} is our own namespace"
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -323,7 +323,8 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
 /// connection to that port is turned away by sshd ("administratively prohibited"), so a client
 /// speaking IRC through it gets no welcome.
 fn local_forwarding_is_refused(ssh: &Ssh) -> Result<()> {
-    let opts = ["-N", "-L", "127.0.0.1:7002:127.0.0.1:6667"];
+    // INFO: ssh reports a refused channel ("open failed: administratively prohibited") there.
+    let opts = ["-o", "LogLevel=INFO", "-N", "-L", "127.0.0.1:7002:127.0.0.1:6667"];
     let mut fwd = ssh.command("bob", &opts, &[])?;
     let child = fwd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let mut fwd = KillOnDrop(child);
@@ -570,9 +571,12 @@ impl Ssh<'_> {
             "NumberOfPasswordPrompts=1".into(),
             "ConnectTimeout=120".into(),
             "ServerAliveInterval=30".into(),
-            "LogLevel=ERROR".into(),
         ] {
             c.arg("-o").arg(o);
+        }
+        // ssh keeps the first value it is given: a caller's LogLevel must come first.
+        if !options.iter().any(|o| o.starts_with("LogLevel=")) {
+            c.args(["-o", "LogLevel=ERROR"]);
         }
         c.args(options).args(tail);
         c.env("SSH_ASKPASS", &askpass).env("SSH_ASKPASS_REQUIRE", "force").env("DISPLAY", ":0");

@@ -27,7 +27,6 @@ const TO_LEASE: Duration = Duration::from_secs(180);
 /// How long to keep listening after the lease, for anything else the appliance might send.
 const QUIET_AFTER_LEASE: Duration = Duration::from_secs(10);
 
-
 #[test]
 fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<()> {
     let Some(e2e) = E2e::from_env("vm-network") else { return Ok(()) };
@@ -112,4 +111,3 @@ fn start_udhcpd(ns: &TestNetns, dir: &Path) -> Result<KillOnDrop> {
         .context("start udhcpd")?;
     Ok(KillOnDrop(child))
 }
-
