@@ -10,24 +10,19 @@ use std::io::{BufRead, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use cloister_proto::session::{check_new_password, NewPasswordProblem};
 use yescrypt::{PasswordHasher, PasswordVerifier};
 use zeroize::Zeroizing;
 
 pub const PASSWD_ARG: &str = "--passwd";
-/// The shortest new password, in characters (the shell checks the same).
-pub const MIN_CHARS: usize = 12;
 const MAX_LINE: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PasswdError {
     #[error("the current password is wrong")]
     WrongPassword,
-    #[error("the new password must have at least {MIN_CHARS} characters")]
-    TooShort,
-    #[error("the new password must differ from the current one")]
-    Unchanged,
-    #[error("the new password contains control characters")]
-    ControlCharacters,
+    #[error(transparent)]
+    Rule(#[from] NewPasswordProblem),
     #[error("no such chat user")]
     NoUser,
     #[error("the account database cannot be changed: {0}")]
@@ -62,20 +57,6 @@ pub fn hash(password: &str) -> Result<String, PasswdError> {
         .hash_password(password.as_bytes())
         .map_err(|e| PasswdError::Database(format!("hashing: {e}")))?;
     Ok(hashed.as_str().to_owned())
-}
-
-/// The checks a new password passes.
-pub fn check_new(current: &str, new: &str) -> Result<(), PasswdError> {
-    if new.chars().any(char::is_control) {
-        return Err(PasswdError::ControlCharacters);
-    }
-    if new.chars().count() < MIN_CHARS {
-        return Err(PasswdError::TooShort);
-    }
-    if new == current {
-        return Err(PasswdError::Unchanged);
-    }
-    Ok(())
 }
 
 /// The hash field of `name` in shadow text.
@@ -131,7 +112,7 @@ pub fn change(etc: &Path, uid: u32, current: &str, new: &str, today: u64) -> Res
     if !verify(current, old) {
         return Err(PasswdError::WrongPassword);
     }
-    check_new(current, new)?;
+    check_new_password(current, new)?;
     let text = replace_hash(&shadow, name, &hash(new)?, today)?;
     write_replacing(&shadow_path, &text).map_err(db)
 }
@@ -230,10 +211,13 @@ mod tests {
 
     #[test]
     fn new_passwords_are_checked() {
-        assert_eq!(check_new("old password 1", "short"), Err(PasswdError::TooShort));
-        assert_eq!(check_new("same password 1", "same password 1"), Err(PasswdError::Unchanged));
-        assert_eq!(check_new("old password 1", "bell\u{7} in here!"), Err(PasswdError::ControlCharacters));
-        assert_eq!(check_new("old password 1", "a new password here"), Ok(()));
+        use NewPasswordProblem::*;
+        assert_eq!(check_new_password("old password 1", "short"), Err(TooShort));
+        assert_eq!(check_new_password("same password 1", "same password 1"), Err(SameAsCurrent));
+        assert_eq!(check_new_password("old password 1", "bell\u{7} in here!"), Err(ControlCharacters));
+        assert_eq!(check_new_password("old password 1", "a new password here"), Ok(()));
+        let short = change(Path::new("/nonexistent"), 1, "x", "y", 0);
+        assert!(matches!(short, Err(PasswdError::Database(_))), "{short:?}");
     }
 
     /// The whole change on files in a temporary `etc`: wrong current password changes nothing,

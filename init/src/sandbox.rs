@@ -61,6 +61,27 @@ pub struct Launch {
     pub terminal: bool,
 }
 
+impl Launch {
+    /// The description PID 1 hands the launcher; the status pipe's number is filled in when
+    /// the pipe exists.
+    pub fn new(
+        svc: &Service,
+        netns: Option<PathBuf>,
+        new_root: &Path,
+        hostname: &str,
+        terminal: bool,
+    ) -> Self {
+        Launch {
+            service: svc.clone(),
+            netns,
+            new_root: new_root.to_path_buf(),
+            hostname: hostname.to_string(),
+            status_fd: -1,
+            terminal,
+        }
+    }
+}
+
 /// Signals each link passes on to the next.
 fn forwarded(launch: &Launch) -> &'static [Signal] {
     if launch.terminal {

@@ -755,14 +755,7 @@ fn spawn(
 ) -> Result<(Pid, Lines, Lines), String> {
     let (log_r, log_w) = std::io::pipe().map_err(io("output pipe"))?;
     let log_w2 = log_w.try_clone().map_err(io("output pipe"))?;
-    let launch = Launch {
-        service: svc.clone(),
-        netns,
-        new_root: new_root.to_path_buf(),
-        hostname: hostname.to_string(),
-        status_fd: -1,
-        terminal: false,
-    };
+    let launch = Launch::new(svc, netns, new_root, hostname, false);
     let (pid, status) = spawn_chain(launch, [Stdio::null(), Stdio::from(log_w), Stdio::from(log_w2)])?;
     Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?, status))
 }
@@ -776,15 +769,7 @@ pub fn spawn_on_terminal(
     hostname: &str,
     fds: [std::os::fd::OwnedFd; 3],
 ) -> Result<(Pid, Lines), String> {
-    let launch = Launch {
-        service: svc.clone(),
-        netns,
-        new_root: new_root.to_path_buf(),
-        hostname: hostname.to_string(),
-        status_fd: -1,
-        terminal: true,
-    };
-    spawn_chain(launch, fds.map(Stdio::from))
+    spawn_chain(Launch::new(svc, netns, new_root, hostname, true), fds.map(Stdio::from))
 }
 
 /// The launcher of `launch` in a process group of its own, with `stdio`; the status pipe is

@@ -136,6 +136,45 @@ mod tests {
 /// Values on the session socket between the restricted shell and PID 1: both check them, so
 /// they share one definition.
 pub mod session {
+    /// The shortest new password, in characters.
+    pub const MIN_PASSWORD_CHARS: usize = 12;
+
+    /// Why a new password is refused: the shell checks before it sends, PID 1 again.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum NewPasswordProblem {
+        ControlCharacters,
+        TooShort,
+        SameAsCurrent,
+    }
+
+    impl std::fmt::Display for NewPasswordProblem {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Self::ControlCharacters => write!(f, "the new password contains control characters"),
+                Self::TooShort => {
+                    write!(f, "the new password must have at least {MIN_PASSWORD_CHARS} characters")
+                }
+                Self::SameAsCurrent => write!(f, "the new password must differ from the current one"),
+            }
+        }
+    }
+
+    impl std::error::Error for NewPasswordProblem {}
+
+    /// The rules a new password meets, checked in this order.
+    pub fn check_new_password(current: &str, new: &str) -> Result<(), NewPasswordProblem> {
+        if new.chars().any(char::is_control) {
+            return Err(NewPasswordProblem::ControlCharacters);
+        }
+        if new.chars().count() < MIN_PASSWORD_CHARS {
+            return Err(NewPasswordProblem::TooShort);
+        }
+        if new == current {
+            return Err(NewPasswordProblem::SameAsCurrent);
+        }
+        Ok(())
+    }
+
     /// `^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$`
     pub fn is_valid_term(term: &str) -> bool {
         let mut bytes = term.bytes();

@@ -7,8 +7,6 @@ use std::ffi::OsStr;
 pub const FALLBACK_TERM: &str = "vt100";
 /// Used when LANG is missing or does not match the allowed pattern.
 pub const FALLBACK_LANG: &str = "C.UTF-8";
-/// The shortest new password accepted, in characters.
-pub const MIN_PASSWORD_CHARS: usize = 12;
 /// The longest unknown command echoed back; longer ones are shown as `?`.
 pub const MAX_ECHO: usize = 32;
 
@@ -17,12 +15,9 @@ pub const MAX_ECHO: usize = 32;
 pub enum PasswordError {
     #[error("the two new passwords differ")]
     Mismatch,
-    #[error("the new password contains control characters")]
-    ControlCharacters,
-    #[error("the new password must have at least {MIN_PASSWORD_CHARS} characters")]
-    TooShort,
-    #[error("the new password must differ from the current one")]
-    SameAsCurrent,
+    /// The rules PID 1 checks again (`cloister_proto::session`).
+    #[error(transparent)]
+    Rule(#[from] cloister_proto::session::NewPasswordProblem),
 }
 
 /// TERM if it matches `^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$`, otherwise the fallback.
@@ -42,16 +37,7 @@ pub fn check_new_password(current: &str, new: &str, again: &str) -> Result<(), P
     if new != again {
         return Err(PasswordError::Mismatch);
     }
-    if new.chars().any(char::is_control) {
-        return Err(PasswordError::ControlCharacters);
-    }
-    if new.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(PasswordError::TooShort);
-    }
-    if new == current {
-        return Err(PasswordError::SameAsCurrent);
-    }
-    Ok(())
+    Ok(cloister_proto::session::check_new_password(current, new)?)
 }
 
 /// What the shell may repeat back of a word it did not understand: the word itself if it is 1 to
@@ -75,6 +61,7 @@ pub fn sanitise_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloister_proto::session::NewPasswordProblem;
 
     #[test]
     fn term_accepts_the_pattern() {
@@ -167,19 +154,34 @@ mod tests {
         let ok = "correct horse battery";
         assert_eq!(check_new_password("old password!", ok, ok), Ok(()));
         assert_eq!(check_new_password("old", "123456789012", "123456789012"), Ok(()));
-        assert_eq!(check_new_password("old", "12345678901", "12345678901"), Err(PasswordError::TooShort));
+        assert_eq!(
+            check_new_password("old", "12345678901", "12345678901"),
+            Err(PasswordError::Rule(NewPasswordProblem::TooShort))
+        );
         assert_eq!(check_new_password("old", ok, "correct horse batterY"), Err(PasswordError::Mismatch));
-        assert_eq!(check_new_password(ok, ok, ok), Err(PasswordError::SameAsCurrent));
+        assert_eq!(
+            check_new_password(ok, ok, ok),
+            Err(PasswordError::Rule(NewPasswordProblem::SameAsCurrent))
+        );
         let tab = "correct\thorse battery";
-        assert_eq!(check_new_password("old", tab, tab), Err(PasswordError::ControlCharacters));
+        assert_eq!(
+            check_new_password("old", tab, tab),
+            Err(PasswordError::Rule(NewPasswordProblem::ControlCharacters))
+        );
         let esc = "correct\u{1b}horse battery";
-        assert_eq!(check_new_password("old", esc, esc), Err(PasswordError::ControlCharacters));
+        assert_eq!(
+            check_new_password("old", esc, esc),
+            Err(PasswordError::Rule(NewPasswordProblem::ControlCharacters))
+        );
     }
 
     #[test]
     fn password_length_counts_characters_not_bytes() {
         let short = "\u{e9}".repeat(11);
-        assert_eq!(check_new_password("old", &short, &short), Err(PasswordError::TooShort));
+        assert_eq!(
+            check_new_password("old", &short, &short),
+            Err(PasswordError::Rule(NewPasswordProblem::TooShort))
+        );
     }
 
     #[test]
