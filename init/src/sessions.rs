@@ -44,27 +44,18 @@ pub struct ChatContext {
     pub passwd: PathBuf,
     /// Where the per-user client configs are written.
     pub config_dir: PathBuf,
-    pub netns: Option<PathBuf>,
+    /// The chat namespace: the client never runs anywhere else.
+    pub netns: PathBuf,
     pub new_root: PathBuf,
     pub hostname: String,
 }
 
-/// A running chat client: its launch chain's process group, killed with the session.
+/// A running chat client: its launch chain (whose ns-init's death takes the client's whole
+/// pid namespace with it) and that chain's status pipe.
 struct Running {
-    pid: Option<Pid>,
-    status: Lines,
+    job: Job,
     /// `ok` went out: the client is up and owns the terminal.
     started: bool,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // The launcher's group holds the launcher and the ns-init; the ns-init's death takes
-        // the client's whole pid namespace with it.
-        if let Some(pid) = self.pid.take() {
-            let _ = killpg(pid, Signal::SIGKILL);
-        }
-    }
 }
 
 struct Conn {
@@ -82,8 +73,8 @@ struct Conn {
     passwd: Option<Job>,
 }
 
-/// A child of PID 1 working for a session; SIGKILLed with its process group if the session
-/// ends first.
+/// A child of PID 1 working for a session, with a pipe it reports on; SIGKILLed with its
+/// process group if the session ends first. `pid` is `None` once reaped (it may be reused).
 struct Job {
     pid: Option<Pid>,
     out: Lines,
@@ -128,7 +119,7 @@ impl Sessions {
     }
 
     pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
-        let chats = self.conns.iter().filter_map(|c| c.chat.as_ref()).map(|r| r.status.fd());
+        let chats = self.conns.iter().filter_map(|c| c.chat.as_ref()).map(|r| r.job.out.fd());
         std::iter::once(self.listener.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd())).chain(chats)
     }
 
@@ -162,7 +153,7 @@ impl Sessions {
                         start_chat(&self.chat, &mut conns[i], &term, &lang, note)
                     }
                     Ok(Request::Winch) => {
-                        if let Some(pid) = conns[i].chat.as_ref().and_then(|r| r.pid) {
+                        if let Some(pid) = conns[i].chat.as_ref().and_then(|r| r.job.pid) {
                             let _ = kill(pid, Signal::SIGWINCH);
                         }
                         None
@@ -208,14 +199,13 @@ impl Sessions {
             conn.send(&answer);
             return true;
         }
-        let Some(conn) = self.conns.iter_mut().find(|c| c.chat.as_ref().is_some_and(|r| r.pid == Some(pid)))
+        let Some(conn) =
+            self.conns.iter_mut().find(|c| c.chat.as_ref().is_some_and(|r| r.job.pid == Some(pid)))
         else {
             return false;
         };
         let Some(mut running) = conn.chat.take() else { return false };
-        // Reaped: the pid (and its group id) may be reused from now on, so never signal it.
-        running.pid = None;
-        let _ = running.status.take();
+        running.job.pid = None;
         if running.started {
             conn.send(&format!("exited {code}"));
         } else {
@@ -355,10 +345,10 @@ fn start_chat(
         }
     };
     let svc = chatclient::service(&user, client, &config, term, lang);
-    match crate::supervisor::spawn_on_terminal(&svc, ctx.netns.clone(), &ctx.new_root, &ctx.hostname, fds) {
-        Ok((pid, status)) => {
+    match crate::supervisor::spawn_on_terminal(&svc, &ctx.netns, &ctx.new_root, &ctx.hostname, fds) {
+        Ok((pid, out)) => {
             note(&format!("cloister: chat started for {} (pid {pid})", user.name));
-            conn.chat = Some(Running { pid: Some(pid), status, started: false });
+            conn.chat = Some(Running { job: Job { pid: Some(pid), out }, started: false });
             None
         }
         Err(e) => {
@@ -439,7 +429,7 @@ impl Conn {
         if running.started {
             return;
         }
-        if running.status.take().iter().any(|v| v == crate::sandbox::STATUS_READY) {
+        if running.job.out.take().iter().any(|v| v == crate::sandbox::STATUS_READY) {
             running.started = true;
             self.send("ok");
         }

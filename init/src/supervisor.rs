@@ -151,7 +151,7 @@ impl<'a> Supervisor<'a> {
                 client: chat.client.clone().filter(|_| chat_netns.is_ok()),
                 passwd: "/etc/passwd".into(),
                 config_dir: run_dir.join("chat"),
-                netns: Some(sup.chat_netns.clone()),
+                netns: sup.chat_netns.clone(),
                 new_root: run_dir.join("root"),
                 hostname: sup.plan.hostname.clone(),
             };
@@ -218,9 +218,14 @@ impl<'a> Supervisor<'a> {
     }
 
     fn serve_sessions(&mut self) {
+        self.with_sessions(|sessions, note| sessions.serve(note));
+    }
+
+    /// Runs `f` on the session socket, if there is one, and logs what it noted.
+    fn with_sessions(&mut self, f: impl FnOnce(&mut Sessions, &mut dyn FnMut(&str))) {
         let Some(sessions) = self.sessions.as_mut() else { return };
         let mut notes = Vec::new();
-        sessions.serve(&mut |line| notes.push(line.to_owned()));
+        f(sessions, &mut |line| notes.push(line.to_owned()));
         for line in notes {
             self.note(&line);
         }
@@ -461,12 +466,10 @@ impl<'a> Supervisor<'a> {
             };
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) {
                 self.on_exit(i, &how);
-            } else if let Some(sessions) = self.sessions.as_mut() {
-                let mut notes = Vec::new();
-                sessions.on_exit(pid, code, &mut |line| notes.push(line.to_owned()));
-                for line in notes {
-                    self.note(&line);
-                }
+            } else {
+                self.with_sessions(|sessions, note| {
+                    sessions.on_exit(pid, code, note);
+                });
             }
         }
     }
@@ -764,12 +767,13 @@ fn spawn(
 /// returns the launcher's pid (also its process group) and its status pipe.
 pub fn spawn_on_terminal(
     svc: &Service,
-    netns: Option<PathBuf>,
+    netns: &Path,
     new_root: &Path,
     hostname: &str,
     fds: [std::os::fd::OwnedFd; 3],
 ) -> Result<(Pid, Lines), String> {
-    spawn_chain(Launch::new(svc, netns, new_root, hostname, true), fds.map(Stdio::from))
+    let launch = Launch::new(svc, Some(netns.to_path_buf()), new_root, hostname, true);
+    spawn_chain(launch, fds.map(Stdio::from))
 }
 
 /// The launcher of `launch` in a process group of its own, with `stdio`; the status pipe is
