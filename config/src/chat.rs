@@ -2,6 +2,7 @@
 //! accounts an image is built with. The builder turns them into tor's and sshd's configuration
 //! and the account databases; this module checks what needs no image.
 
+use cloister_plan::accounts::{check_admin_key, check_login_name};
 use serde::{Deserialize, Serialize};
 
 /// `[onion]`: tor's onion service in front of sshd, with its denial-of-service defences.
@@ -50,23 +51,52 @@ pub struct ChatUser {
     pub password_hash: String,
 }
 
-/// Names no chat account may take: they would read as the system speaking.
-pub const RESERVED_NAMES: &[&str] = &[
-    "root",
-    "admin",
-    "administrator",
-    "chat",
-    "cloister",
-    "irc",
-    "ircd",
-    "nobody",
-    "operator",
-    "sshd",
-    "tor",
-];
-
 /// Most chat accounts an image may declare (uids 2001..).
 pub const MAX_CHAT_USERS: usize = 500;
+
+/// `[admin]`: the appliance's administrators. They log in over the onion service with their SSH
+/// key only, and their login shell is the admin CLI; there is no password and no other shell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub accounts: Vec<AdminAccount>,
+}
+
+/// One admin: a login name and an SSH public key line (`ssh-ed25519 AAAA... comment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAccount {
+    pub name: String,
+    pub ssh_key: String,
+}
+
+/// Most admin accounts an image may declare.
+pub const MAX_ADMINS: usize = 64;
+
+impl AdminConfig {
+    /// Checks names (also against the chat users': one namespace of logins) and keys.
+    pub fn validate(&self, chat: &ChatConfig) -> Result<(), (String, String)> {
+        let bad = |why: String| Err(("admin.accounts".to_string(), why));
+        if self.accounts.len() > MAX_ADMINS {
+            return bad(format!("{} accounts; at most {MAX_ADMINS}", self.accounts.len()));
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            if let Err(why) = check_login_name(&a.name) {
+                return bad(format!("entry {}: {why}", i + 1));
+            }
+            if self.accounts[..i].iter().any(|o| o.name == a.name) {
+                return bad(format!("entry {}: {:?} is listed twice", i + 1, a.name));
+            }
+            if chat.users.iter().any(|u| u.name == a.name) {
+                return bad(format!("entry {}: {:?} is also a chat user", i + 1, a.name));
+            }
+            if let Err(why) = check_admin_key(&a.ssh_key) {
+                return bad(format!("entry {} ({}): ssh_key: {why}", i + 1, a.name));
+            }
+        }
+        Ok(())
+    }
+}
 
 impl OnionConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -103,7 +133,7 @@ impl ChatConfig {
             return bad(format!("{} accounts; at most {MAX_CHAT_USERS}", self.users.len()));
         }
         for (i, u) in self.users.iter().enumerate() {
-            if let Err(why) = check_chat_name(&u.name) {
+            if let Err(why) = check_login_name(&u.name) {
                 return bad(format!("entry {}: {why}", i + 1));
             }
             if self.users[..i].iter().any(|o| o.name == u.name) {
@@ -120,21 +150,6 @@ impl ChatConfig {
         }
         Ok(())
     }
-}
-
-/// A login name: `[a-z][a-z0-9_-]{0,31}`, not reserved.
-pub fn check_chat_name(name: &str) -> Result<(), String> {
-    let mut bytes = name.bytes();
-    let well_formed = (1..=32).contains(&name.len())
-        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !well_formed {
-        return Err(format!("{name:?} is not a name like [a-z][a-z0-9_-]{{0,31}}"));
-    }
-    if RESERVED_NAMES.contains(&name) || name.starts_with("cloister") {
-        return Err(format!("{name:?} is reserved"));
-    }
-    Ok(())
 }
 
 /// The shape of a yescrypt, SHA-512 or SHA-256 crypt hash: nothing that could end a shadow field.
@@ -162,13 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn names_follow_the_pattern_and_avoid_reserved_ones() {
-        for ok in ["alice", "b0b", "x", "a_b-c"] {
-            assert_eq!(check_chat_name(ok), Ok(()), "{ok}");
-        }
-        for bad in ["", "Alice", "1bob", "bob smith", "bob:x", "a".repeat(33).as_str(), "root", "cloister-x"]
-        {
-            assert!(check_chat_name(bad).is_err(), "{bad}");
+    fn admins_need_a_fresh_name_and_an_ed25519_key() {
+        const KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqUUNcrpcdDksXxNuda4QJg6P8JCz80b+4wMV18Iwt ops";
+        let admin = |name: &str, key: &str| AdminAccount { name: name.into(), ssh_key: key.into() };
+        let chat = ChatConfig { users: vec![user("alice", HASH)] };
+        assert_eq!(AdminConfig { accounts: vec![admin("ops", KEY)] }.validate(&chat), Ok(()));
+        for (accounts, says) in [
+            (vec![admin("alice", KEY)], "entry 1: \"alice\" is also a chat user"),
+            (vec![admin("ops", KEY), admin("ops", KEY)], "entry 2: \"ops\" is listed twice"),
+            (vec![admin("root", KEY)], "reserved"),
+            (vec![admin("ops", "ssh-rsa AAAAB3NzaC1yc2E ops")], "entry 1 (ops): ssh_key: key type"),
+        ] {
+            let (key, why) = AdminConfig { accounts }.validate(&chat).unwrap_err();
+            assert_eq!(key, "admin.accounts");
+            assert!(why.contains(says), "{why}");
         }
     }
 

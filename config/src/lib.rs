@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use chat::{ChatConfig, ChatUser, OnionConfig};
+pub use chat::{AdminAccount, AdminConfig, ChatConfig, ChatUser, OnionConfig};
 pub use services::{ServiceConfig, Services};
 
 /// The embedded default config, shown to users and checked against [`Config::default`].
@@ -36,6 +36,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub onion: OnionConfig,
     pub chat: ChatConfig,
+    pub admin: AdminConfig,
     /// Enabled services only, shipped ones first; see [`services::merge`].
     pub services: Services,
 }
@@ -237,6 +238,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             onion: OnionConfig::default(),
             chat: ChatConfig::default(),
+            admin: AdminConfig::default(),
             services: services::default_services(),
         }
     }
@@ -402,6 +404,7 @@ impl Config {
         self.network.to_plan()?;
         self.onion.validate()?;
         self.chat.validate()?;
+        self.admin.validate(&self.chat)?;
         services::validate(&self.services)
     }
 }

@@ -226,7 +226,7 @@ pub fn default_services() -> Services {
         args: strings(&["-D", "-e", "-f", "/etc/ssh/sshd_config"]),
         user: Some("root".into()),
         tmpfs: paths(&["/run/sshd"]),
-        read_only: paths(&["/run/cloister/sessions"]),
+        read_only: paths(&["/run/cloister/sessions", "/run/cloister/admin"]),
         devpts: true,
         // CAP_AUDIT_WRITE: Debian's sshd (built with Linux audit) ends a session whose login
         // record the kernel refuses.

@@ -1,10 +1,16 @@
-//! The control socket's protocol: one request line in, one JSON object out, then close. Only
-//! root and the plan's admin uids may use it (SO_PEERCRED, checked by the supervisor). Adding a
-//! command is one variant here and one arm in `Supervisor::answer`.
+//! The control socket's protocol: one request line in (plus one secret line after `user add
+//! <name> --password`), one JSON object out, then close. Only root, the plan's admin uids and
+//! the admin group may use it (SO_PEERCRED, checked by the supervisor). Adding a command is one
+//! variant here and one arm in `Supervisor::answer`; account changes are [`Change`]s that a
+//! child process carries out (`accounts.rs`).
 
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use crate::accounts::Change;
 
 /// Longest request accepted; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 1024;
@@ -19,24 +25,72 @@ pub enum Request {
     Restart(String),
     PowerOff,
     Reboot,
+    /// Chat users and admin accounts: done by a child, answered when it ends.
+    Account(Change),
+}
+
+impl Request {
+    /// A secret line follows this request's line (a chosen password).
+    pub fn wants_secret(&self) -> bool {
+        matches!(self, Request::Account(Change::UserAdd { chosen: true, .. }))
+    }
 }
 
 pub fn parse(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
-    let mut words = text.split_whitespace();
-    let request = match (words.next(), words.next()) {
-        (Some("status"), None) => Request::Status,
-        (Some("log"), None) => Request::Log,
-        (Some("poweroff"), None) => Request::PowerOff,
-        (Some("reboot"), None) => Request::Reboot,
-        (Some("restart"), Some(name)) => Request::Restart(name.to_string()),
-        (Some(cmd), _) => return Err(format!("unknown request {:?}", truncate(cmd, 32))),
-        (None, _) => return Err("empty request".into()),
-    };
-    match words.next() {
-        None => Ok(request),
-        Some(_) => Err("too many words".into()),
+    if text.chars().any(char::is_control) {
+        return Err("request has control characters".into());
     }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let request = match words[..] {
+        ["status"] => Request::Status,
+        ["log"] => Request::Log,
+        ["poweroff"] => Request::PowerOff,
+        ["reboot"] => Request::Reboot,
+        ["restart", name] => Request::Restart(name.to_string()),
+        ["user", ..] => Request::Account(parse_user(&words[1..])?),
+        ["admin", ..] => Request::Account(parse_admin(&words[1..])?),
+        [cmd, ..] if ["status", "log", "poweroff", "reboot", "restart"].contains(&cmd) => {
+            return Err(format!("wrong number of words for {cmd}"))
+        }
+        [cmd, ..] => return Err(format!("unknown request {:?}", truncate(cmd, 32))),
+        [] => return Err("empty request".into()),
+    };
+    Ok(request)
+}
+
+/// `user list | add <name> [--password] | remove|lock|unlock <name> | expire <name> <date|never>`
+fn parse_user(words: &[&str]) -> Result<Change, String> {
+    let name = |n: &str| n.to_string();
+    Ok(match words {
+        ["list"] => Change::UserList,
+        ["add", n] => Change::UserAdd { name: name(n), chosen: false },
+        ["add", n, "--password"] => Change::UserAdd { name: name(n), chosen: true },
+        ["remove", n] => Change::UserRemove { name: name(n) },
+        ["lock", n] => Change::UserLock { name: name(n) },
+        ["unlock", n] => Change::UserUnlock { name: name(n) },
+        ["expire", n, "never"] => Change::UserExpire { name: name(n), day: None },
+        ["expire", n, date] => {
+            Change::UserExpire { name: name(n), day: Some(cloister_plan::accounts::parse_date(date)?) }
+        }
+        _ => {
+            return Err("user takes: list | add <name> [--password] | remove <name> | lock <name> | \
+                        unlock <name> | expire <name> <YYYY-MM-DD|never>"
+                .into())
+        }
+    })
+}
+
+/// `admin list | add <name> <ssh public key> | remove <name>`
+fn parse_admin(words: &[&str]) -> Result<Change, String> {
+    Ok(match words {
+        ["list"] => Change::AdminList,
+        ["add", n, key @ ..] if !key.is_empty() => {
+            Change::AdminAdd { name: n.to_string(), key: key.join(" ") }
+        }
+        ["remove", n] => Change::AdminRemove { name: n.to_string() },
+        _ => return Err("admin takes: list | add <name> <ssh public key> | remove <name>".into()),
+    })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -46,48 +100,70 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// A connected client whose request line is still arriving.
+/// A connected client whose request is still arriving or being carried out.
 pub struct Client {
     pub stream: UnixStream,
     pub uid: Option<u32>,
-    buf: Vec<u8>,
+    pub gid: Option<u32>,
+    /// May hold a secret line: wiped when the client goes.
+    buf: Zeroizing<Vec<u8>>,
     deadline: Instant,
+    /// A request whose secret line has not arrived yet.
+    pub awaiting_secret: Option<Request>,
+    /// The child carrying out an account change; the answer goes out when it ends.
+    pub job: Option<crate::accounts::Job>,
 }
 
 /// What reading from a client gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Progress {
     Pending,
-    Line(Vec<u8>),
+    Line(Zeroizing<Vec<u8>>),
     /// Closed early, too long, or too slow: drop it (with this reason to answer, if any).
     Drop(Option<String>),
 }
 
 impl Client {
-    pub fn new(stream: UnixStream, uid: Option<u32>) -> Self {
-        Self { stream, uid, buf: Vec::new(), deadline: Instant::now() + CLIENT_DEADLINE }
+    pub fn new(stream: UnixStream, uid: Option<u32>, gid: Option<u32>) -> Self {
+        Self {
+            stream,
+            uid,
+            gid,
+            buf: Zeroizing::new(Vec::new()),
+            deadline: Instant::now() + CLIENT_DEADLINE,
+            awaiting_secret: None,
+            job: None,
+        }
     }
 
     pub fn expired(&self, now: Instant) -> bool {
         now >= self.deadline
     }
 
-    /// Reads what is there without blocking (the stream is non-blocking).
+    /// Gives a running account change until `deadline` to finish.
+    pub fn extend_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// The next complete line, reading what is there without blocking (the stream is
+    /// non-blocking).
     pub fn read(&mut self) -> Progress {
-        let mut chunk = [0u8; 512];
+        let mut chunk = Zeroizing::new([0u8; 512]);
         loop {
-            match self.stream.read(&mut chunk) {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Zeroizing<Vec<u8>> = Zeroizing::new(self.buf.drain(..=end).collect());
+                line.truncate(end);
+                return Progress::Line(line);
+            }
+            if self.buf.len() > MAX_REQUEST {
+                return Progress::Drop(Some("request too long".into()));
+            }
+            match self.stream.read(&mut chunk[..]) {
                 Ok(0) => return Progress::Drop(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Progress::Pending,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return Progress::Drop(None),
-            }
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                return Progress::Line(self.buf[..end].to_vec());
-            }
-            if self.buf.len() > MAX_REQUEST {
-                return Progress::Drop(Some("request too long".into()));
             }
         }
     }
@@ -105,11 +181,46 @@ mod tests {
         assert_eq!(parse(b"restart ngircd"), Ok(Request::Restart("ngircd".into())));
         assert_eq!(parse(b"poweroff"), Ok(Request::PowerOff));
         assert_eq!(parse(b"reboot"), Ok(Request::Reboot));
+        assert_eq!(parse(b"user list"), Ok(Request::Account(Change::UserList)));
+        let add = parse(b"user add carol --password").unwrap();
+        assert_eq!(add, Request::Account(Change::UserAdd { name: "carol".into(), chosen: true }));
+        assert!(add.wants_secret());
+        assert!(!parse(b"user add carol").unwrap().wants_secret());
+        assert_eq!(
+            parse(b"user expire carol 2027-01-31"),
+            Ok(Request::Account(Change::UserExpire { name: "carol".into(), day: Some(20_849) }))
+        );
+        assert_eq!(
+            parse(b"user expire carol never"),
+            Ok(Request::Account(Change::UserExpire { name: "carol".into(), day: None }))
+        );
+        assert_eq!(
+            parse(b"admin add eve ssh-ed25519 AAAA eve@laptop"),
+            Ok(Request::Account(Change::AdminAdd {
+                name: "eve".into(),
+                key: "ssh-ed25519 AAAA eve@laptop".into()
+            }))
+        );
     }
 
     #[test]
     fn refuses_malformed_requests() {
-        for bad in [&b""[..], b"   ", b"restart", b"status now", b"\xff\xfe", b"rm -rf /", b"restart a b"] {
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"restart",
+            b"status now",
+            b"\xff\xfe",
+            b"rm -rf /",
+            b"restart a b",
+            b"user",
+            b"user add",
+            b"user add a b",
+            b"user expire carol 2027-02-30",
+            b"user expire carol",
+            b"admin add eve",
+            b"user add \x1b[2Jcarol",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         let long = "x".repeat(5000);
@@ -120,22 +231,25 @@ mod tests {
     fn client_gets_a_line_and_refuses_floods() {
         let (mut a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0));
+        let mut c = Client::new(b, Some(0), Some(0));
         assert_eq!(c.read(), Progress::Pending);
         a.write_all(b"stat").unwrap();
         assert_eq!(c.read(), Progress::Pending);
-        a.write_all(b"us\n").unwrap();
-        assert_eq!(c.read(), Progress::Line(b"status".to_vec()));
+        a.write_all(b"us\nsecond\nthi").unwrap();
+        assert_eq!(c.read(), Progress::Line(Zeroizing::new(b"status".to_vec())));
+        // A line that came with the first is there without another read.
+        assert_eq!(c.read(), Progress::Line(Zeroizing::new(b"second".to_vec())));
+        assert_eq!(c.read(), Progress::Pending);
 
         let (mut a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0));
+        let mut c = Client::new(b, Some(0), Some(0));
         a.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
         assert!(matches!(c.read(), Progress::Drop(Some(_))));
 
         let (a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0));
+        let mut c = Client::new(b, Some(0), Some(0));
         drop(a);
         assert_eq!(c.read(), Progress::Drop(None));
     }

@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod accounts;
 mod chat;
 mod chatclient;
 mod clock;
@@ -67,6 +68,10 @@ fn main() {
     // A chat user's password change: a child of PID 1 (session socket `passwd`).
     if args.get(1).map(String::as_str) == Some(passwd::PASSWD_ARG) {
         passwd::run_mode(args.get(2));
+    }
+    // The admin tools' account changes: a child of PID 1 (control socket `user …`, `admin …`).
+    if args.get(1).map(String::as_str) == Some(accounts::ACCOUNTS_ARG) {
+        accounts::run_mode();
     }
     // The DHCP client: a supervised child of PID 1, never PID 1 itself.
     if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {

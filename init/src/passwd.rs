@@ -119,7 +119,7 @@ pub fn change(etc: &Path, uid: u32, current: &str, new: &str, today: u64) -> Res
 
 /// Writes `text` next to `path` with its owner and mode, syncs, and renames it over `path`:
 /// a power cut leaves the old file or the new one, never half of either.
-fn write_replacing(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_replacing(path: &Path, text: &str) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     let fresh = path.with_extension("cloister-new");
     let _ = std::fs::remove_file(&fresh);
@@ -137,7 +137,7 @@ fn write_replacing(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Days since 1970 by the system clock, as shadow counts them.
-fn today() -> u64 {
+pub(crate) fn today() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     now.map(|d| d.as_secs() / 86_400).unwrap_or(0)
 }

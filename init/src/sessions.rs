@@ -215,6 +215,11 @@ impl Sessions {
         true
     }
 
+    /// The uids holding a session now.
+    pub fn logged_in(&self) -> Vec<u32> {
+        self.conns.iter().filter(|c| c.holds).map(|c| c.uid).collect()
+    }
+
     /// Kills every running chat client and password change (shutdown; a change is either
     /// renamed into place or not, never half written).
     pub fn stop_all(&mut self) {
@@ -283,28 +288,14 @@ fn start_passwd(conn: &mut Conn, note: &mut dyn FnMut(&str)) -> Option<String> {
 
 /// `cloister-init --passwd <uid>` with both lines on its stdin and its answer on a pipe.
 fn spawn_passwd(uid: u32, current: &str, new: &str) -> Result<Job, String> {
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("/proc/self/exe")
-        .arg(crate::passwd::PASSWD_ARG)
-        .arg(uid.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .env_clear()
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("spawn: {e}"))?;
-    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
     let input = Zeroizing::new(format!("{current}\n{new}\n"));
-    // Two bounded lines fit a pipe's buffer: the write cannot block.
-    let written = child.stdin.take().map(|mut stdin| stdin.write_all(input.as_bytes()));
-    let out = child.stdout.take().map(|o| Lines::new(std::fs::File::from(std::os::fd::OwnedFd::from(o))));
-    match (written, out) {
-        (Some(Ok(())), Some(Ok(out))) => Ok(Job { pid: Some(pid), out }),
-        _ => {
+    let uid = uid.to_string();
+    let (pid, out) = crate::supervisor::spawn_helper(crate::passwd::PASSWD_ARG, &[&uid], input.as_bytes())?;
+    match Lines::new(std::fs::File::from(out)) {
+        Ok(out) => Ok(Job { pid: Some(pid), out }),
+        Err(e) => {
             let _ = killpg(pid, Signal::SIGKILL);
-            Err("could not pass the request to the child".into())
+            Err(e)
         }
     }
 }

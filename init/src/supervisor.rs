@@ -28,6 +28,7 @@ use serde_json::json;
 use cloister_plan::{NetNs, Plan, Service};
 use cloister_proto::{marker, service_event};
 
+use crate::accounts::Change;
 use crate::control::{self, Client, Progress, Request};
 use crate::input;
 use crate::sandbox::{self, Launch};
@@ -38,6 +39,9 @@ use crate::system::StepRecord;
 const JOURNAL_LINES: usize = 2000;
 /// Longest line kept from a service; the rest of a longer one starts a new line.
 const MAX_LINE: usize = 1024;
+/// An account change's child is stopped after this (removing waits for processes to die,
+/// hashing takes a moment, a home may be large).
+const ACCOUNT_CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Why the main loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +164,8 @@ impl<'a> Supervisor<'a> {
                 Err(e) => sup.note(&format!("cloister: session socket: {e}")),
             }
         }
-        match bind_control(&run_dir.join(cloister_plan::CONTROL_SOCKET)) {
+        let admin_gid = sup.admin_gid();
+        match bind_control(&run_dir.join(cloister_plan::CONTROL_SOCKET), admin_gid) {
             Ok(l) => sup.control = Some(l),
             Err(e) => sup.note(&format!("cloister: control socket: {e}")),
         }
@@ -261,7 +266,10 @@ impl<'a> Supervisor<'a> {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
         }
         for c in &self.clients {
-            fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
+            match &c.job {
+                Some(job) => fds.push(PollFd::new(job.fd(), PollFlags::POLLIN)),
+                None => fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+            }
         }
         for u in &self.units {
             for lines in [&u.log, &u.status].into_iter().flatten() {
@@ -466,7 +474,7 @@ impl<'a> Supervisor<'a> {
             };
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) {
                 self.on_exit(i, &how);
-            } else {
+            } else if !self.on_account_change_exit(pid, code) {
                 self.with_sessions(|sessions, note| {
                     sessions.on_exit(pid, code, note);
                 });
@@ -545,11 +553,27 @@ impl<'a> Supervisor<'a> {
         let mut outcome = None;
         let mut keep = Vec::new();
         for mut client in std::mem::take(&mut self.clients) {
+            if let Some(job) = client.job.as_mut() {
+                job.drain();
+                if client.expired(now) {
+                    self.note("cloister: control: an account change took too long; stopped");
+                    reply(&mut client, &json!({"ok": false, "error": "the change took too long"}));
+                } else {
+                    keep.push(client);
+                }
+                continue;
+            }
             match client.read() {
                 Progress::Pending if !client.expired(now) => keep.push(client),
                 Progress::Pending | Progress::Drop(None) => {}
                 Progress::Drop(Some(why)) => reply(&mut client, &json!({"ok": false, "error": why})),
-                Progress::Line(line) => outcome = outcome.or(self.answer(&mut client, &line)),
+                Progress::Line(line) => {
+                    let (done, shutdown) = self.answer(&mut client, &line);
+                    outcome = outcome.or(shutdown);
+                    if !done {
+                        keep.push(client);
+                    }
+                }
             }
         }
         self.clients.extend(keep);
@@ -562,26 +586,45 @@ impl<'a> Supervisor<'a> {
             if self.clients.len() >= 16 || stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            let uid = getsockopt(&stream, PeerCredentials).ok().map(|c| c.uid());
-            self.clients.push(Client::new(stream, uid));
+            let cred = getsockopt(&stream, PeerCredentials).ok();
+            self.clients.push(Client::new(stream, cred.map(|c| c.uid()), cred.map(|c| c.gid())));
         }
     }
 
-    fn answer(&mut self, client: &mut Client, line: &[u8]) -> Option<Outcome> {
-        let allowed = client.uid.is_some_and(|u| u == 0 || self.plan.admin_uids.contains(&u));
-        if !allowed {
+    /// The admin group's gid, when the image has admin accounts.
+    fn admin_gid(&self) -> Option<u32> {
+        self.plan.chat.as_ref().and_then(|c| c.accounts.as_ref()).map(|a| a.admin.gid)
+    }
+
+    /// Root, the plan's admin uids and the admin group.
+    fn is_admin(&self, client: &Client) -> bool {
+        client.uid.is_some_and(|u| u == 0 || self.plan.admin_uids.contains(&u))
+            || client.gid.is_some_and(|g| Some(g) == self.admin_gid())
+    }
+
+    /// Answers one line; returns whether the client is done with (or still waits for a secret
+    /// line or an account change), and a shutdown it asked for.
+    fn answer(&mut self, client: &mut Client, line: &[u8]) -> (bool, Option<Outcome>) {
+        if !self.is_admin(client) {
             let who = client.uid.map_or("unknown".to_string(), |u| u.to_string());
             self.note(&format!("cloister: control: refused uid {who}"));
             reply(client, &json!({"ok": false, "error": "permission denied"}));
-            return None;
+            return (true, None);
+        }
+        if let Some(Request::Account(change)) = client.awaiting_secret.take() {
+            return (self.start_account_change(client, &change, Some(line)), None);
         }
         let request = match control::parse(line) {
             Ok(r) => r,
             Err(e) => {
                 reply(client, &json!({"ok": false, "error": e}));
-                return None;
+                return (true, None);
             }
         };
+        if request.wants_secret() {
+            client.awaiting_secret = Some(request);
+            return (false, None);
+        }
         match request {
             Request::Status => reply(client, &self.status()),
             Request::Log => {
@@ -592,16 +635,64 @@ impl<'a> Supervisor<'a> {
                 let answer = self.request_restart(&name);
                 reply(client, &answer);
             }
+            Request::Account(change) => return (self.start_account_change(client, &change, None), None),
             Request::PowerOff | Request::Reboot => {
                 reply(client, &json!({"ok": true}));
                 self.note(&format!(
                     "cloister: control: {}",
                     if request == Request::Reboot { "reboot" } else { "poweroff" }
                 ));
-                return Some(if request == Request::Reboot { Outcome::Reboot } else { Outcome::PowerOff });
+                return (
+                    true,
+                    Some(if request == Request::Reboot { Outcome::Reboot } else { Outcome::PowerOff }),
+                );
             }
         }
-        None
+        (true, None)
+    }
+
+    /// Hands `change` to a child; the client waits for its answer. Returns whether the client
+    /// is done (the child could not start).
+    fn start_account_change(&mut self, client: &mut Client, change: &Change, secret: Option<&[u8]>) -> bool {
+        let who = client.uid.map_or("unknown".to_string(), |u| u.to_string());
+        match crate::accounts::Job::start(change, secret) {
+            Ok(job) => {
+                // What was asked, never a secret: names and dates only.
+                self.note(&format!("cloister: control: uid {who}: {}", describe(change)));
+                client.job = Some(job);
+                client.extend_deadline(Instant::now() + ACCOUNT_CHANGE_DEADLINE);
+                false
+            }
+            Err(e) => {
+                self.note(&format!("cloister: control: account change: {e}"));
+                reply(client, &json!({"ok": false, "error": "the account change could not start"}));
+                true
+            }
+        }
+    }
+
+    /// The control client whose account change just ended gets the child's answer, with the
+    /// users who are logged in marked in a list. Returns whether `pid` was such a child.
+    fn on_account_change_exit(&mut self, pid: Pid, code: i32) -> bool {
+        let Some(i) = self.clients.iter().position(|c| c.job.as_ref().is_some_and(|j| j.pid == Some(pid)))
+        else {
+            return false;
+        };
+        let mut client = self.clients.remove(i);
+        let Some(job) = client.job.take() else { return true };
+        let mut answer = job.answer(code);
+        let online = self.sessions.as_ref().map(Sessions::logged_in).unwrap_or_default();
+        if let Some(accounts) = answer.get_mut("accounts").and_then(|a| a.as_array_mut()) {
+            for a in accounts {
+                let uid = a.get("uid").and_then(|u| u.as_u64()).and_then(|u| u32::try_from(u).ok());
+                a["logged_in"] = json!(uid.is_some_and(|u| online.contains(&u)));
+            }
+        }
+        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+            self.note(&format!("cloister: control: refused: {error}"));
+        }
+        reply(&mut client, &answer);
+        true
     }
 
     fn request_restart(&mut self, name: &str) -> serde_json::Value {
@@ -731,15 +822,42 @@ fn reply(client: &mut Client, value: &serde_json::Value) {
     let _ = writeln!(client.stream, "{value}");
 }
 
-fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+/// What a control request says in the log: the change and its account's name, nothing else.
+fn describe(change: &Change) -> String {
+    match change {
+        Change::UserList => "user list".into(),
+        Change::AdminList => "admin list".into(),
+        Change::UserAdd { name, .. } => format!("user add {name}"),
+        Change::UserRemove { name } => format!("user remove {name}"),
+        Change::UserLock { name } => format!("user lock {name}"),
+        Change::UserUnlock { name } => format!("user unlock {name}"),
+        Change::UserExpire { name, day } => {
+            let when = day.map_or("never".into(), cloister_plan::accounts::format_date);
+            format!("user expire {name} {when}")
+        }
+        Change::AdminAdd { name, .. } => format!("admin add {name}"),
+        Change::AdminRemove { name } => format!("admin remove {name}"),
+    }
+}
+
+/// The control socket in its own directory: with an admin group, root's and that group's only
+/// (0750), so that no one else even reaches the socket; without, 0755 and the peer's
+/// credentials alone decide.
+fn bind_control(path: &Path, admin_gid: Option<u32>) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::os::unix::fs::chown(dir, Some(0).filter(|_| admin_gid.is_some()), admin_gid)?;
+        let mode = if admin_gid.is_some() { 0o750 } else { 0o755 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
-    // Anyone on the machine may connect; SO_PEERCRED decides who may ask. Services cannot even
-    // see /run/cloister from their own mount namespace.
+    // Whoever reaches it may connect; SO_PEERCRED decides who may ask. Services cannot even
+    // see /run/cloister from their own mount namespace, except sshd, for the admin CLI.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
@@ -774,6 +892,32 @@ pub fn spawn_on_terminal(
 ) -> Result<(Pid, Lines), String> {
     let launch = Launch::new(svc, Some(netns.to_path_buf()), new_root, hostname, true);
     spawn_chain(launch, fds.map(Stdio::from))
+}
+
+/// `cloister-init <mode> <args>` as a child in a process group of its own, `input` on its
+/// stdin (which is then closed), stderr discarded; returns its pid and the read end of its
+/// stdout. For work PID 1 must not do itself: slow hashing, edits of account files.
+pub fn spawn_helper(mode: &str, args: &[&str], input: &[u8]) -> Result<(Pid, std::os::fd::OwnedFd), String> {
+    let mut child = Command::new("/proc/self/exe")
+        .arg(mode)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env_clear()
+        .process_group(0)
+        .spawn()
+        .map_err(io("spawn helper"))?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    // A request is at most a few KiB: it fits a pipe's buffer, so the write cannot block.
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(input));
+    match (written, child.stdout.take()) {
+        (Some(Ok(())), Some(out)) => Ok((pid, std::os::fd::OwnedFd::from(out))),
+        _ => {
+            let _ = killpg(pid, Signal::SIGKILL);
+            Err("could not pass the request to the helper".into())
+        }
+    }
 }
 
 /// The launcher of `launch` in a process group of its own, with `stdio`; the status pipe is

@@ -186,7 +186,7 @@ fn copy_build_bins(e2e: &E2e, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&bins)?;
     std::fs::copy(&e2e.builder, bins.join("cloister-build"))?;
     let from = e2e.init.parent().context("PID 1 binary has no directory")?;
-    for name in ["cloister-init", "cloister-shell", "cloister-bridge", "cloister-ircgate"] {
+    for name in ["cloister-init", "cloister-shell", "cloister-bridge", "cloister-ircgate", "cloister-admin"] {
         std::fs::copy(from.join(name), bins.join(name)).with_context(|| format!("copying {name}"))?;
     }
     Ok(bins)

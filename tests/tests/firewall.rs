@@ -189,6 +189,7 @@ fn chat_namespace_firewall_keeps_users_on_the_gateway() -> Result<()> {
             server_port: 6668,
             chat_gid: CHAT_GID,
         }),
+        accounts: None,
     };
     let s = plan_file_with(Some(chat))?;
     let ns = netns("chat")?;

@@ -17,6 +17,9 @@ use cloister_tests::capture::{self, Capture};
 use cloister_tests::tornet;
 use cloister_tests::*;
 
+#[path = "onion_chat/admin.rs"]
+mod admin;
+
 const TAP: &str = "ctap-onion";
 const TO_UNLOCK: Duration = Duration::from_secs(240);
 /// The network bootstraps while other tests run; this bounds the wait if it has not yet.
@@ -190,6 +193,10 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         ensure!(said.contains("the current password is wrong"), "{}", tail(&said));
         Ok(())
     })?;
+    timed("the admin adds, locks, expires and removes a chat user over the onion", || {
+        admin::admin_manages_chat_users(ssh)
+    })?;
+    timed("the admin CLI refuses bad input; chat users get no admin CLI", || admin::admin_refusals(ssh))?;
     timed("a second login of the same user is refused while the first is open", || {
         let mut first = ssh.spawn_session("bob")?;
         let stdin = first.stdin.as_mut().context("stdin")?;
@@ -504,6 +511,13 @@ impl Drop for Terminal {
     }
 }
 
+/// How a client authenticates: chat users by password, the admin by key.
+#[derive(Clone, Copy)]
+enum Auth {
+    Password,
+    Key,
+}
+
 struct Ssh<'a> {
     net: &'a Net,
     dir: &'a Path,
@@ -520,9 +534,42 @@ impl Ssh<'_> {
     /// `options` go before the destination and `remote` (a command for sshd) after it: ssh takes
     /// its first non-option word as the host.
     fn command(&self, user: &str, options: &[&str], remote: &[&str]) -> Result<Command> {
+        let auth = if user == admin::ADMIN { Auth::Key } else { Auth::Password };
+        self.command_with(user, auth, options, remote)
+    }
+
+    fn command_with(&self, user: &str, auth: Auth, options: &[&str], remote: &[&str]) -> Result<Command> {
         let mut tail = vec![format!("{user}@{}", self.onion)];
         tail.extend(remote.iter().map(|r| r.to_string()));
-        self.client("ssh", user, options, &tail)
+        self.client("ssh", user, auth, options, &tail)
+    }
+
+    /// The admin CLI runs `command` (`ssh ops@x.onion user list`); its output, if it succeeded.
+    fn admin(&self, command: &[&str]) -> Result<String> {
+        let out = self.admin_output(command)?;
+        ensure!(out.status.success(), "admin {command:?} failed: {}", both(&out));
+        Ok(stdout(&out))
+    }
+
+    fn admin_output(&self, command: &[&str]) -> Result<Output> {
+        self.run(admin::ADMIN, &[], command, "")
+    }
+
+    /// Whether `user` gets the chat shell with its current password.
+    fn logs_in(&self, user: &str) -> Result<bool> {
+        Ok(both(&self.session(user, "exit\n")?).contains("bye"))
+    }
+
+    /// The admin account tried with a password (whatever it is): sshd offers admins keys only.
+    fn password_login_as_admin(&self) -> Result<Output> {
+        std::fs::write(self.password_file(admin::ADMIN), "a guess at a password\n")?;
+        let child = self
+            .command_with(admin::ADMIN, Auth::Password, &[], &["status"])?
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        finish(child, "", Duration::from_secs(300))
     }
 
     /// Where the password the next login of `user` types is kept (0600, the scratch directory).
@@ -534,7 +581,7 @@ impl Ssh<'_> {
     fn scp(&self, user: &str, remote: &str, local: &Path) -> Result<Output> {
         let tail = [format!("{user}@{}:{remote}", self.onion), local.display().to_string()];
         let child = self
-            .client("scp", user, &[], &tail)?
+            .client("scp", user, Auth::Password, &[], &tail)?
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -544,12 +591,22 @@ impl Ssh<'_> {
 
     /// OpenSSH's `program` (ssh, scp) inside the network's namespace with the test's options,
     /// then `options` and `tail`.
-    fn client(&self, program: &str, user: &str, options: &[&str], tail: &[String]) -> Result<Command> {
+    fn client(
+        &self,
+        program: &str,
+        user: &str,
+        auth: Auth,
+        options: &[&str],
+        tail: &[String],
+    ) -> Result<Command> {
         let askpass = self.dir.join(format!("askpass-{user}"));
-        if !askpass.exists() {
-            // The script reads the user's current password from a copy the test may replace.
+        if matches!(auth, Auth::Password) && !askpass.exists() {
+            // The script reads the user's current password from a copy the test may replace
+            // (or has written already, for a user the test made).
             let pw = self.password_file(user);
-            std::fs::copy(self.images.join(format!("chat-{user}")), &pw)?;
+            if !pw.exists() {
+                std::fs::copy(self.images.join(format!("chat-{user}")), &pw)?;
+            }
             std::fs::write(&askpass, format!("#!/bin/sh\ncat '{}'\n", pw.display()))?;
             std::os::unix::fs::PermissionsExt::set_mode(
                 &mut std::fs::metadata(&askpass)?.permissions(),
@@ -561,17 +618,29 @@ impl Ssh<'_> {
         let known = self.dir.join("known_hosts");
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.net.netns, program, "-F", "/dev/null"]);
-        for o in [
+        let auth_options = match auth {
+            Auth::Password => vec![
+                "PreferredAuthentications=password".to_string(),
+                "PubkeyAuthentication=no".into(),
+                "NumberOfPasswordPrompts=1".into(),
+            ],
+            Auth::Key => vec![
+                "PreferredAuthentications=publickey".to_string(),
+                format!("IdentityFile={}", self.admin_key()?.display()),
+                "IdentitiesOnly=yes".into(),
+                "PasswordAuthentication=no".into(),
+                "BatchMode=yes".into(),
+            ],
+        };
+        let common = [
             format!("ProxyCommand={proxy}"),
             format!("UserKnownHostsFile={}", known.display()),
             "StrictHostKeyChecking=accept-new".into(),
             "CheckHostIP=no".into(),
-            "PreferredAuthentications=password".into(),
-            "PubkeyAuthentication=no".into(),
-            "NumberOfPasswordPrompts=1".into(),
             "ConnectTimeout=120".into(),
             "ServerAliveInterval=30".into(),
-        ] {
+        ];
+        for o in common.into_iter().chain(auth_options) {
             c.arg("-o").arg(o);
         }
         // ssh keeps the first value it is given: a caller's LogLevel must come first.
@@ -582,6 +651,16 @@ impl Ssh<'_> {
         c.env("SSH_ASKPASS", &askpass).env("SSH_ASKPASS_REQUIRE", "force").env("DISPLAY", ":0");
         c.env_remove("SSH_AUTH_SOCK");
         Ok(c)
+    }
+
+    /// The admin's private key, copied from the test image's directory (0600, ssh insists).
+    fn admin_key(&self) -> Result<PathBuf> {
+        let key = self.dir.join("admin-key");
+        if !key.exists() {
+            std::fs::copy(self.images.join("admin-key"), &key)?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        Ok(key)
     }
 
     fn run(&self, user: &str, options: &[&str], remote: &[&str], input: &str) -> Result<Output> {

@@ -41,22 +41,16 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Our binaries the image carries besides PID 1 (the builder reads them beside `--init-bin`).
+pub const COMPANIONS: &[&str] = &["cloister-shell", "cloister-bridge", "cloister-ircgate", "cloister-admin"];
+
 pub fn compile_pipeline() -> Result<Binaries> {
     host::ensure(&[host::BUILD])?;
-    cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "cloister-init",
-        "--package",
-        "cloister-build",
-        "--package",
-        "cloister-shell",
-        "--package",
-        "cloister-bridge",
-        "--package",
-        "cloister-ircgate",
-    ])?;
+    let mut args = vec!["build", "--release", "--package", "cloister-init", "--package", "cloister-build"];
+    for bin in COMPANIONS {
+        args.extend(["--package", bin]);
+    }
+    cargo(&args)?;
     let release = target_dir().join("release");
     Ok(Binaries { builder: release.join("cloister-build"), init: release.join("cloister-init") })
 }

@@ -189,9 +189,36 @@ fn write_test_config(dir: &Path) -> Result<PathBuf> {
         ));
     }
     text.push_str("]\n");
+    let key = admin_key(dir)?;
+    text.push_str(&format!(
+        "\n# Added by cargo xtask test: an admin whose key is {ADMIN_KEY} beside the image.\n\
+         [admin]\naccounts = [{{ name = \"{ADMIN}\", ssh_key = \"{key}\" }}]\n"
+    ));
     let config = dir.join("test-image.toml");
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
     Ok(config)
+}
+
+/// The test image's admin account and its private key's file name (in the test image's
+/// directory; fresh per build, like the passwords).
+pub const ADMIN: &str = "ops";
+const ADMIN_KEY: &str = "admin-key";
+
+/// Makes the admin's Ed25519 key pair with OpenSSH's ssh-keygen; returns the public line.
+fn admin_key(dir: &Path) -> Result<String> {
+    let key = dir.join(ADMIN_KEY);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "cloister-test-admin", "-f"])
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("cannot run ssh-keygen")?;
+    if !status.success() {
+        bail!("ssh-keygen failed: {status}");
+    }
+    let public =
+        std::fs::read_to_string(key.with_extension("pub")).context("reading the admin's public key")?;
+    Ok(public.trim().to_string())
 }
 
 /// A SHA-512 crypt(3) hash by OpenSSL (a test host package), the password on stdin.
@@ -231,7 +258,7 @@ fn run_builder(bins: &build::Binaries, dir: &Path, args: &[String]) -> Result<()
         let builder = bin_dir.join("cloister-build");
         std::fs::copy(&bins.builder, &builder)?;
         let release = bins.init.parent().unwrap_or(Path::new("."));
-        for bin in ["cloister-init", "cloister-shell", "cloister-bridge", "cloister-ircgate"] {
+        for bin in std::iter::once(&"cloister-init").chain(build::COMPANIONS) {
             std::fs::copy(release.join(bin), bin_dir.join(bin))
                 .with_context(|| format!("cannot copy {bin} for the unprivileged build"))?;
         }

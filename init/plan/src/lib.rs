@@ -12,14 +12,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod accounts;
+
 /// Where the plan lives on the root filesystem.
 pub const PLAN_PATH: &str = "/etc/cloister/plan.json";
 /// The one directory that holds all state the appliance learns at run time.
 pub const STATE_DIR: &str = "/var/lib/cloister";
 /// Runtime directory of PID 1 (control socket, named network namespaces).
 pub const RUN_DIR: &str = "/run/cloister";
-/// The control socket's file name inside the run directory.
-pub const CONTROL_SOCKET: &str = "control";
+/// The control socket's path inside the run directory: in a directory of its own, which
+/// sshd's namespace binds for the admin CLI.
+pub const CONTROL_SOCKET: &str = "admin/control";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +62,9 @@ pub struct ChatPlan {
     /// The chat namespace's own firewall, when the image has the IRC gateway and server.
     #[serde(default)]
     pub firewall: Option<ChatFirewallPlan>,
+    /// Chat and admin accounts, for the admin tools; `None`: accounts are fixed at build time.
+    #[serde(default)]
+    pub accounts: Option<accounts::AccountsPlan>,
 }
 
 /// Who may connect where inside the `chat` network namespace: only the gateway's uid (and root,

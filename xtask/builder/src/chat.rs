@@ -7,14 +7,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cloister_config::Config;
+use cloister_plan::accounts;
 use cloister_rootfs::elf;
 use cloister_rootfs::tree::{Kind, Node, Tree};
 use cloister_rootfs::users::{Accounts, SystemUser};
 
 /// The chat users' primary group: PID 1's session socket and sshd's `AllowGroups` admit it.
-pub const CHAT_GROUP: (&str, u32) = ("chat", 2000);
+pub const CHAT_GROUP: (&str, u32) = (accounts::CHAT_GROUP, accounts::CHAT_GID);
 /// Chat users get uids from here on, in config order.
-const FIRST_CHAT_UID: u32 = 2001;
+const FIRST_CHAT_UID: u32 = accounts::CHAT_UIDS.0;
+/// The admins' primary group: sshd lets it in by key, PID 1's control socket admits it.
+pub const ADMIN_GROUP: (&str, u32) = (accounts::ADMIN_GROUP, accounts::ADMIN_GID);
+const FIRST_ADMIN_UID: u32 = accounts::ADMIN_UIDS.0;
+/// `<dir>/<login>` holds an admin's one SSH key, root's and world-readable, as sshd wants it.
+pub const ADMIN_KEYS: &str = "/etc/cloister/admin-keys";
+pub const ADMIN_HOMES: &str = "/var/lib/cloister/admin";
+const ADMIN_SHELL: &str = "/usr/lib/cloister/admin";
 /// Our helpers' system users, each with a group of its own.
 const SYSTEM_USERS: &[(&str, u32)] = &[("cloister-bridge", 110), ("cloister-ircgate", 111)];
 /// Our binaries besides PID 1: (file name in the build's output directory, path in the image).
@@ -22,6 +30,7 @@ pub const COMPANIONS: &[(&str, &str)] = &[
     ("cloister-shell", "/usr/lib/cloister/shell"),
     ("cloister-bridge", "/usr/lib/cloister/bridge"),
     ("cloister-ircgate", "/usr/lib/cloister/ircgate"),
+    ("cloister-admin", ADMIN_SHELL),
 ];
 const SHELL: &str = "/usr/lib/cloister/shell";
 pub const HOMES: &str = "/var/lib/cloister/home";
@@ -67,7 +76,39 @@ pub fn accounts(config: &Config) -> (Vec<(&'static str, u32)>, Vec<SystemUser>) 
         password_hash: Some(u.password_hash.clone()),
         shell: Some(SHELL.into()),
     });
-    (vec![CHAT_GROUP], system.chain(chat).collect())
+    let admins = config.admin.accounts.iter().zip(FIRST_ADMIN_UID..).map(|(a, uid)| SystemUser {
+        name: a.name.clone(),
+        uid,
+        primary_group: Some(ADMIN_GROUP.0.into()),
+        home: format!("{ADMIN_HOMES}/{}", a.name),
+        gecos: String::new(),
+        groups: Vec::new(),
+        // `*`, not `!`: without PAM, sshd refuses a `!`-locked account even its key.
+        password_hash: Some("*".into()),
+        shell: Some(ADMIN_SHELL.into()),
+    });
+    (vec![CHAT_GROUP, ADMIN_GROUP], system.chain(chat).chain(admins).collect())
+}
+
+/// Where PID 1's admin tools put accounts: the same ids, shells and homes as the build's.
+pub fn accounts_plan() -> accounts::AccountsPlan {
+    accounts::AccountsPlan {
+        chat: accounts::AccountKind {
+            gid: CHAT_GROUP.1,
+            first_uid: accounts::CHAT_UIDS.0,
+            last_uid: accounts::CHAT_UIDS.1,
+            shell: SHELL.into(),
+            homes: HOMES.into(),
+        },
+        admin: accounts::AccountKind {
+            gid: ADMIN_GROUP.1,
+            first_uid: accounts::ADMIN_UIDS.0,
+            last_uid: accounts::ADMIN_UIDS.1,
+            shell: ADMIN_SHELL.into(),
+            homes: ADMIN_HOMES.into(),
+        },
+        admin_keys: ADMIN_KEYS.into(),
+    }
 }
 
 /// Writes the configuration files, the onion service's client keys, the chat users' homes and
@@ -96,11 +137,33 @@ pub fn install(
     for (u, uid) in config.chat.users.iter().zip(FIRST_CHAT_UID..) {
         tree.insert(homes.join(&u.name), Node::dir(0o700).owned(uid, CHAT_GROUP.1))?;
     }
+    admin_accounts(config, tree)?;
     for (file, path) in COMPANIONS {
         let from = bin_dir.join(file);
         let bytes = std::fs::read(&from)
             .with_context(|| format!("cannot read {} (built with the workspace)", from.display()))?;
         tree.write_file(path.trim_start_matches('/'), &bytes, Node::file(0o755))?;
+    }
+    Ok(())
+}
+
+/// Each admin's key file (root's, 0644, in a root-owned 0755 directory: sshd's `StrictModes`)
+/// and home (0700, the admin's).
+fn admin_accounts(config: &Config, tree: &mut Tree) -> Result<()> {
+    for dir in [ADMIN_KEYS, ADMIN_HOMES] {
+        let rel = Path::new(dir.trim_start_matches('/'));
+        tree.mkdir_p(rel)?;
+        if let Some(node) = tree.get_mut(rel) {
+            (node.mode, node.uid, node.gid) = (0o755, 0, 0);
+        }
+    }
+    for (a, uid) in config.admin.accounts.iter().zip(FIRST_ADMIN_UID..) {
+        let key = accounts::check_admin_key(&a.ssh_key)
+            .map_err(|why| anyhow::anyhow!("admin.accounts: {}: {why}", a.name))?;
+        let keys = Path::new(ADMIN_KEYS.trim_start_matches('/')).join(&a.name);
+        tree.write_file(&keys, format!("{key}\n").as_bytes(), Node::file(0o644))?;
+        let home = Path::new(ADMIN_HOMES.trim_start_matches('/')).join(&a.name);
+        tree.insert(home, Node::dir(0o700).owned(uid, ADMIN_GROUP.1))?;
     }
     Ok(())
 }
@@ -191,9 +254,10 @@ pub fn test_network_lines(torrc: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// sshd for chat users only: passwords (hashes in /etc/shadow, no PAM), a login shell that
-/// refuses commands, and nothing else: no forwarding, tunnels, subsystems, environment, banner,
-/// message of the day or last-login line (which would tell the time zone).
+/// sshd for chat users (passwords, hashes in /etc/shadow, no PAM; a login shell that refuses
+/// commands) and admins (their one Ed25519 key only; the admin CLI as shell, which takes a
+/// command), and nothing else: no forwarding, tunnels, subsystems, environment, banner, message
+/// of the day or last-login line (which would tell the time zone).
 pub fn sshd_config() -> String {
     format!(
         "# Written by cloister-build.\n\
@@ -201,7 +265,7 @@ pub fn sshd_config() -> String {
          HostKey {SSH_HOST_KEY}\n\
          PidFile none\n\
          UsePAM no\n\
-         AllowGroups {chat}\n\
+         AllowGroups {chat} {admin}\n\
          PermitRootLogin no\n\
          PasswordAuthentication yes\n\
          PermitEmptyPasswords no\n\
@@ -239,8 +303,16 @@ pub fn sshd_config() -> String {
          HostKeyAlgorithms ssh-ed25519\n\
          KexAlgorithms sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org\n\
          Ciphers chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com\n\
-         MACs hmac-sha2-512-etm@openssh.com,hmac-sha2-256-etm@openssh.com\n",
+         MACs hmac-sha2-512-etm@openssh.com,hmac-sha2-256-etm@openssh.com\n\
+         Match Group {admin}\n\
+         \tPasswordAuthentication no\n\
+         \tPubkeyAuthentication yes\n\
+         \tAuthenticationMethods publickey\n\
+         \tAuthorizedKeysFile {ADMIN_KEYS}/%u\n\
+         \tPubkeyAcceptedAlgorithms {keys}\n",
         chat = CHAT_GROUP.0,
+        admin = ADMIN_GROUP.0,
+        keys = accounts::ADMIN_KEY_TYPES.join(","),
     )
 }
 
@@ -347,11 +419,22 @@ mod tests {
     #[test]
     fn sshd_allows_chat_users_and_nothing_else() {
         let s = sshd_config();
-        for l in
-            ["UsePAM no", "AllowGroups chat", "DisableForwarding yes", "DebianBanner no", "PrintLastLog no"]
-        {
+        for l in [
+            "UsePAM no",
+            "AllowGroups chat cloister-admin",
+            "DisableForwarding yes",
+            "DebianBanner no",
+            "PrintLastLog no",
+            "PubkeyAuthentication no",
+        ] {
             assert!(s.lines().any(|x| x == l), "{l}");
         }
+        // Keys only for admins, and only after every global line (Match runs to the end).
+        let admin = s.split_once("Match Group cloister-admin\n").unwrap().1;
+        for l in ["\tPasswordAuthentication no", "\tAuthenticationMethods publickey"] {
+            assert!(admin.lines().any(|x| x == l), "{l}");
+        }
+        assert!(admin.lines().all(|l| l.starts_with('\t')), "{admin}");
         assert!(!s.contains("Subsystem"), "no sftp or other subsystems");
         assert!(!s.contains("ForceCommand"), "the login shell itself refuses commands");
     }
@@ -363,7 +446,7 @@ mod tests {
             c.chat.users.push(ChatUser { name: name.into(), password_hash: "$6$s$h".into() });
         }
         let (groups, users) = accounts(&c);
-        assert_eq!(groups, [("chat", 2000)]);
+        assert_eq!(groups, [("chat", 2000), ("cloister-admin", 3000)]);
         let chat: Vec<_> = users.iter().filter(|u| u.shell.is_some()).collect();
         assert_eq!(
             chat.iter().map(|u| (u.name.as_str(), u.uid)).collect::<Vec<_>>(),

@@ -81,6 +81,7 @@ fn chat_plan(config: &Config, acc: &Accounts, tree: &Tree) -> Result<Option<cloi
         onion_hostname: crate::chat::ONION_HOSTNAME.into(),
         client,
         firewall: chat_firewall(config, acc, gid),
+        accounts: Some(crate::chat::accounts_plan()),
     }))
 }
 

@@ -1,0 +1,129 @@
+//! PID 1's JSON answers as text for a person at a terminal.
+
+use serde_json::Value;
+
+/// The text for `words`' answer.
+pub fn answer(words: &[&str], answer: &Value) -> String {
+    match words {
+        ["status"] => status(answer),
+        ["log"] => lines(&answer["lines"]),
+        ["user" | "admin", "list"] => accounts(words[0], &answer["accounts"]),
+        ["user", "add", ..] => added(answer),
+        ["admin", "add", ..] => format!("admin {} added (uid {})", text(&answer["name"]), answer["uid"]),
+        ["user" | "admin", "remove", ..] => format!(
+            "{} {} removed; {} of its processes killed",
+            words[0],
+            text(&answer["name"]),
+            answer["processes_killed"]
+        ),
+        ["user", "lock", ..] => {
+            format!(
+                "{} locked; {} of its processes killed",
+                text(&answer["name"]),
+                answer["processes_killed"]
+            )
+        }
+        ["user", "unlock", ..] => format!("{} unlocked", text(&answer["name"])),
+        ["user", "expire", ..] => match answer["expires"].as_str() {
+            Some(day) => format!("{} expires after {day}", text(&answer["name"])),
+            None => format!("{} never expires", text(&answer["name"])),
+        },
+        ["poweroff"] => "powering off".into(),
+        ["reboot"] => "rebooting".into(),
+        _ => "ok".into(),
+    }
+}
+
+/// A new chat user, with its generated password when there is one.
+pub fn added(answer: &Value) -> String {
+    let name = text(&answer["name"]);
+    let mut out = format!("user {name} added (uid {})", answer["uid"]);
+    if let Some(password) = answer["password"].as_str() {
+        out.push_str(&format!("\ninitial password (shown only now; give it to {name}): {password}"));
+    }
+    out
+}
+
+fn accounts(kind: &str, list: &Value) -> String {
+    let rows = list.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        return format!("no {kind} accounts");
+    }
+    let mut out = format!("{:<32} {:>5} {:<6} {:<10} {}", "NAME", "UID", "LOCKED", "EXPIRES", "ONLINE");
+    for r in rows {
+        out.push_str(&format!(
+            "\n{:<32} {:>5} {:<6} {:<10} {}",
+            text(&r["name"]),
+            r["uid"],
+            yes_no(&r["locked"]),
+            r["expires"].as_str().unwrap_or("never"),
+            yes_no(&r["logged_in"]),
+        ));
+    }
+    out
+}
+
+fn status(answer: &Value) -> String {
+    let secs = answer["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+    let mut out = format!("up {}h {:02}m {:02}s", secs / 3600, secs / 60 % 60, secs % 60);
+    for s in answer["services"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n  {:<16} {:<9} restarts {}",
+            text(&s["name"]),
+            text(&s["state"]),
+            s["restarts"]
+        ));
+    }
+    if !answer["network"].is_null() {
+        out.push_str(&format!("\nnetwork: {}", answer["network"]));
+    }
+    out
+}
+
+fn lines(list: &Value) -> String {
+    list.as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join("\n")
+}
+
+/// A string value with control characters replaced: nothing from the answer can drive the
+/// admin's terminal.
+fn text(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+fn yes_no(v: &Value) -> &'static str {
+    if v.as_bool() == Some(true) {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lists_are_tables_and_terminal_safe() {
+        let list = json!({"ok": true, "accounts": [
+            {"name": "alice", "uid": 2001, "locked": false, "expires": null, "logged_in": true},
+            {"name": "b\u{1b}[2J", "uid": 2002, "locked": true, "expires": "2027-01-31", "logged_in": false},
+        ]});
+        let t = answer(&["user", "list"], &list);
+        let rows: Vec<&str> = t.lines().collect();
+        assert!(rows[0].starts_with("NAME"), "{t}");
+        assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes"), "{t}");
+        assert!(rows[2].contains("b?[2J") && rows[2].contains("2027-01-31"), "{t}");
+        assert_eq!(answer(&["admin", "list"], &json!({"accounts": []})), "no admin accounts");
+    }
+
+    #[test]
+    fn removals_say_what_was_killed() {
+        let a = json!({"ok": true, "name": "carol", "uid": 2002, "processes_killed": 3});
+        assert_eq!(answer(&["user", "remove", "carol"], &a), "user carol removed; 3 of its processes killed");
+    }
+}

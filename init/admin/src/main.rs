@@ -1,0 +1,252 @@
+//! The admin CLI: the login shell of admin accounts (sshd lets them in by key only) and a thin
+//! client of PID 1's control socket, which checks the caller's credentials and does the work.
+//!
+//! `ssh ops@<x>.onion user list` runs one command (sshd starts `cloister-admin -c 'user list'`);
+//! a plain `ssh ops@<x>.onion` gets a prompt (`admin> `) until `exit` or end of input. Lines
+//! are words; nothing is ever handed to a shell, and no process is started. Exit status in
+//! command mode: 0 done, 1 refused or failed, 2 usage.
+//!
+//! Test-only option, only as the first arguments: `--control-socket PATH` (sshd passes a user's
+//! command only after `-c`, so a user cannot inject it).
+#![forbid(unsafe_code)]
+
+mod format;
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+/// Longest line accepted (an admin key with its comment fits).
+const MAX_LINE: usize = 2048;
+/// PID 1 answers an account change when its child ends (at most a minute).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
+
+const HELP: &str = "\
+commands:
+  status                              services, network, uptime
+  log                                 the newest lines of the appliance's log
+  user list                           chat users, locked, expiry, logged in
+  user add <name>                     add a chat user with a generated password (shown once)
+  user add <name> --password          ... with a password you type (twice)
+  user remove <name>                  end its sessions at once, remove it and its home
+  user lock <name> | unlock <name>    locking also ends its sessions
+  user expire <name> <YYYY-MM-DD|never>
+  admin list
+  admin add <name> <ssh-ed25519 key>  an admin who logs in with that key
+  admin remove <name>                 never the last one
+  restart <service>
+  poweroff | reboot
+  help | exit";
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut socket = Path::new(cloister_plan::RUN_DIR).join(cloister_plan::CONTROL_SOCKET);
+    if args.first().map(String::as_str) == Some("--control-socket") && args.len() >= 2 {
+        socket = PathBuf::from(args.remove(1));
+        args.remove(0);
+    }
+    let code = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => interactive(&socket),
+        ["-c", command] => match run(&socket, command) {
+            Ok(text) => {
+                println!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        _ => {
+            eprintln!("usage: cloister-admin [-c '<command>']; type help for the commands");
+            2
+        }
+    };
+    std::process::exit(code)
+}
+
+/// The prompt loop; a refused command is reported and the loop goes on.
+fn interactive(socket: &Path) -> i32 {
+    println!("cloister admin; type help for the commands");
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    loop {
+        print!("admin> ");
+        let _ = std::io::stdout().flush();
+        let line = match read_bounded_line(&mut input) {
+            Ok(Some(line)) => line,
+            Ok(None) => return 0,
+            Err(e) => {
+                println!("error: {e}");
+                continue;
+            }
+        };
+        if matches!(line.trim(), "exit" | "quit") {
+            println!("bye");
+            return 0;
+        }
+        match run(socket, &line) {
+            Ok(text) if text.is_empty() => {}
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("error: {e}"),
+        }
+    }
+}
+
+/// One line of at most [`MAX_LINE`] bytes (a longer one is read to its end and refused);
+/// `None` at the end of input.
+fn read_bounded_line(input: &mut impl BufRead) -> Result<Option<String>, String> {
+    let mut buf = Vec::new();
+    let n =
+        input.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !buf.ends_with(b"\n") && buf.len() > MAX_LINE {
+        skip_line(input);
+        return Err(format!("line too long (at most {MAX_LINE} bytes)"));
+    }
+    let text = String::from_utf8(buf).map_err(|_| "the line is not UTF-8".to_string())?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// Drops input up to and including the next newline, without keeping it.
+fn skip_line(input: &mut impl BufRead) {
+    loop {
+        let Ok(chunk) = input.fill_buf() else { return };
+        if chunk.is_empty() {
+            return;
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => return input.consume(i + 1),
+            None => {
+                let n = chunk.len();
+                input.consume(n);
+            }
+        }
+    }
+}
+
+/// Runs one command line; the text to show, or why it failed.
+fn run(socket: &Path, line: &str) -> Result<String, String> {
+    if line.chars().any(char::is_control) || line.len() > MAX_LINE {
+        return Err("control characters or an overlong line; type help for the commands".into());
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        [] => Ok(String::new()),
+        ["help"] => Ok(HELP.into()),
+        ["user", "add", name, "--password"] => {
+            let password = ask_new_password(name)?;
+            let answer = request(socket, &format!("user add {name} --password"), Some(&password))?;
+            Ok(format::added(&answer))
+        }
+        ["status" | "log" | "poweroff" | "reboot"] | ["restart", _] | ["user" | "admin", ..] => {
+            let answer = request(socket, &words.join(" "), None)?;
+            Ok(format::answer(&words, &answer))
+        }
+        _ => Err(format!("unknown command: {}; type help for the commands", words[0])),
+    }
+}
+
+/// A chosen password, typed twice without echo on the terminal (or two lines of stdin when
+/// there is none), checked by the same rules PID 1 applies.
+fn ask_new_password(name: &str) -> Result<Zeroizing<String>, String> {
+    let ask = |prompt: &str| -> Result<Zeroizing<String>, String> {
+        match rpassword::prompt_password(prompt) {
+            Ok(p) => Ok(Zeroizing::new(p)),
+            Err(_) => read_bounded_line(&mut std::io::stdin().lock())?
+                .map(Zeroizing::new)
+                .ok_or_else(|| "no password given".to_string()),
+        }
+    };
+    let first = ask(&format!("password for {name}: "))?;
+    let again = ask("again: ")?;
+    if *first != *again {
+        return Err("the two passwords differ; nothing changed".into());
+    }
+    cloister_proto::session::check_new_password("", &first).map_err(|e| e.to_string())?;
+    Ok(first)
+}
+
+/// Sends one request (and its secret line) and returns PID 1's answer when it says `ok`.
+fn request(socket: &Path, line: &str, secret: Option<&str>) -> Result<Value, String> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|e| format!("the control socket is not available ({}): {e}", socket.display()))?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut out = Zeroizing::new(format!("{line}\n"));
+    if let Some(secret) = secret {
+        out.push_str(secret);
+        out.push('\n');
+    }
+    stream.write_all(out.as_bytes()).map_err(|e| format!("sending the request: {e}"))?;
+    let mut text = String::new();
+    stream.take(4 << 20).read_to_string(&mut text).map_err(|e| format!("reading the answer: {e}"))?;
+    let answer: Value =
+        serde_json::from_str(text.trim()).map_err(|_| "the appliance gave no answer".to_string())?;
+    if answer["ok"] == Value::Bool(true) {
+        Ok(answer)
+    } else {
+        Err(answer["error"].as_str().unwrap_or("refused").to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A control socket that records the request and answers `answer`.
+    fn fake_pid1(answer: &'static str) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+            s.write_all(answer.as_bytes()).unwrap();
+            line
+        });
+        (dir, path, handle)
+    }
+
+    #[test]
+    fn a_command_becomes_one_request_line() {
+        let (_dir, path, pid1) = fake_pid1(r#"{"ok":true,"name":"carol","uid":2002,"password":"abcd-efgh"}"#);
+        let text = run(&path, "  user   add carol ").unwrap();
+        assert_eq!(pid1.join().unwrap(), "user add carol\n");
+        assert!(text.contains("user carol added (uid 2002)") && text.contains("abcd-efgh"), "{text}");
+    }
+
+    #[test]
+    fn refusals_are_errors_with_pid1s_reason() {
+        let (_dir, path, pid1) = fake_pid1(r#"{"ok":false,"error":"\"bob\" already exists"}"#);
+        assert_eq!(run(&path, "user add bob"), Err("\"bob\" already exists".into()));
+        pid1.join().unwrap();
+    }
+
+    #[test]
+    fn bad_lines_never_reach_pid1() {
+        let nowhere = Path::new("/nonexistent/control");
+        for bad in ["rm -rf /", "user add \u{1b}[2J", "sh", "$(id)"] {
+            let e = run(nowhere, bad).unwrap_err();
+            assert!(e.contains("unknown command") || e.contains("control characters"), "{bad}: {e}");
+        }
+        assert!(run(nowhere, "help").unwrap().contains("user remove"));
+        assert!(run(nowhere, "status").unwrap_err().contains("control socket is not available"));
+    }
+
+    #[test]
+    fn long_lines_are_refused_and_skipped() {
+        let long = format!("{}\nstatus\n", "a".repeat(10 * MAX_LINE));
+        let mut input = std::io::Cursor::new(long.into_bytes());
+        assert!(read_bounded_line(&mut input).unwrap_err().contains("too long"));
+        assert_eq!(read_bounded_line(&mut input).unwrap().as_deref(), Some("status"));
+        assert_eq!(read_bounded_line(&mut input).unwrap(), None);
+    }
+}
