@@ -19,9 +19,23 @@ pub enum ChatError {
     Onion { path: PathBuf, detail: String },
 }
 
-/// Makes the ed25519 host key at `key` unless it exists; returns its fingerprint line.
+/// sshd's host key as users check it: its SHA256 fingerprint, and whether this boot made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKey {
+    pub fingerprint: String,
+    pub made: bool,
+}
+
+impl HostKey {
+    /// The console line (`cloister: ssh host key SHA256:… [(new)]`).
+    pub fn line(&self) -> String {
+        format!("{} {}{}", marker::SSH_HOST_KEY, self.fingerprint, if self.made { " (new)" } else { "" })
+    }
+}
+
+/// Makes the ed25519 host key at `key` unless it exists; returns its fingerprint.
 /// The new key appears only complete: generated under a temporary name, then renamed.
-pub fn ssh_host_key_step(key: &Path) -> Result<String, ChatError> {
+pub fn ssh_host_key_step(key: &Path) -> Result<HostKey, ChatError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| ChatError::Io { path, source }
@@ -47,8 +61,8 @@ pub fn ssh_host_key_step(key: &Path) -> Result<String, ChatError> {
         true
     };
     let fingerprint = keygen(&["-l", "-E", "sha256", "-f"], &public, "fingerprint")?;
-    let fp = fingerprint.split_whitespace().nth(1).unwrap_or("?").to_owned();
-    Ok(format!("{} {fp}{}", marker::SSH_HOST_KEY, if made { " (new)" } else { "" }))
+    let fingerprint = fingerprint.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    Ok(HostKey { fingerprint, made })
 }
 
 fn keygen(args: &[&str], file: &Path, what: &'static str) -> Result<String, ChatError> {
@@ -108,9 +122,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("ssh").join("ssh_host_ed25519_key");
         let first = ssh_host_key_step(&key).unwrap();
-        assert!(first.ends_with(" (new)") && first.contains("SHA256:"), "{first}");
+        assert!(first.made && first.fingerprint.starts_with("SHA256:"), "{first:?}");
+        assert!(first.line().ends_with(" (new)"), "{}", first.line());
         let again = ssh_host_key_step(&key).unwrap();
-        assert_eq!(again, first.trim_end_matches(" (new)"));
+        assert_eq!(again, HostKey { made: false, ..first });
         let mode = std::fs::metadata(&key).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
     }

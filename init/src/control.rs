@@ -27,6 +27,8 @@ pub enum Request {
     Reboot,
     /// Chat users and admin accounts: done by a child, answered when it ends.
     Account(Change),
+    /// The onion address and sshd's host key fingerprint, with their QR codes.
+    Identity,
 }
 
 impl Request {
@@ -47,10 +49,11 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         ["log"] => Request::Log,
         ["poweroff"] => Request::PowerOff,
         ["reboot"] => Request::Reboot,
+        ["identity"] => Request::Identity,
         ["restart", name] => Request::Restart(name.to_string()),
         ["user", ..] => Request::Account(parse_user(&words[1..])?),
         ["admin", ..] => Request::Account(parse_admin(&words[1..])?),
-        [cmd, ..] if ["status", "log", "poweroff", "reboot", "restart"].contains(&cmd) => {
+        [cmd, ..] if ["status", "log", "poweroff", "reboot", "restart", "identity"].contains(&cmd) => {
             return Err(format!("wrong number of words for {cmd}"))
         }
         [cmd, ..] => return Err(format!("unknown request {:?}", truncate(cmd, 32))),
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(parse(b"restart ngircd"), Ok(Request::Restart("ngircd".into())));
         assert_eq!(parse(b"poweroff"), Ok(Request::PowerOff));
         assert_eq!(parse(b"reboot"), Ok(Request::Reboot));
+        assert_eq!(parse(b"identity"), Ok(Request::Identity));
         assert_eq!(parse(b"user list"), Ok(Request::Account(Change::UserList)));
         let add = parse(b"user add carol --password").unwrap();
         assert_eq!(add, Request::Account(Change::UserAdd { name: "carol".into(), chosen: true }));

@@ -29,6 +29,7 @@ mod network;
 mod passphrase;
 mod passwd;
 mod power;
+mod qr;
 mod root;
 mod sandbox;
 mod sessions;

@@ -49,9 +49,12 @@ pub fn run() -> ! {
         say(&format!("cloister: {e}"));
     }
     let buttons = open_power_buttons(&say);
-    let (plan, steps, uplink) = prepare(&say);
+    let (plan, steps, uplink, host_key) = prepare(&say);
     let mut sup = Supervisor::new(plan, Path::new(RUN_DIR), &say, steps);
     sup.set_network_status(Box::new(move || network::status(uplink.as_ref())));
+    if let Some(key) = host_key {
+        sup.show_host_key(key);
+    }
     sup.watch_kernel_log();
     let ending = match sup.run(&sfd, &buttons) {
         Outcome::PowerOff => Ending::PowerOff,
@@ -66,15 +69,19 @@ pub fn run() -> ! {
     shutdown(&consoles, ending)
 }
 
+/// What stage 2 prepared for the supervisor: the plan, the steps' records, the uplink and
+/// sshd's host key.
+type Prepared = (Plan, Vec<StepRecord>, Option<network::Uplink>, Option<crate::chat::HostKey>);
+
 /// The machine steps, then the firewall; if any of them fails no service may start, so the
 /// plan comes back without services (fail closed) and the console says why.
-fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>, Option<network::Uplink>) {
+fn prepare(say: &dyn Fn(&str)) -> Prepared {
     let mut steps = Steps::new(say);
     let mut plan = match Plan::load(Path::new(PLAN_PATH)) {
         Ok(plan) => plan,
         Err(e) => {
             say(&format!("{}: {e}", marker::SERVICES_HELD));
-            return (empty_plan(), steps.records().to_vec(), None);
+            return (empty_plan(), steps.records().to_vec(), None, None);
         }
     };
     let machine =
@@ -85,7 +92,7 @@ fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>, Option<network::Uplink
     if let Err(e) = firewall {
         say(&format!("{}: {e}", marker::SERVICES_HELD));
         plan.services.clear();
-        return (plan, steps.records().to_vec(), None);
+        return (plan, steps.records().to_vec(), None, None);
     }
     // Only behind a verified firewall; a failure leaves the uplink down, the services start.
     let uplink =
@@ -93,13 +100,11 @@ fn prepare(say: &dyn Fn(&str)) -> (Plan, Vec<StepRecord>, Option<network::Uplink
     if let Some(up) = uplink.as_ref().filter(|u| u.mode == NetworkMode::Dhcp) {
         plan.services.insert(0, network::dhcp_service(up, Path::new(cloister_proto::STAGE2_PATH)));
     }
-    if let Some(chat) = &plan.chat {
-        // Not fatal: without a host key sshd fails alone and says why.
-        if let Ok(line) = steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)) {
-            say(&line);
-        }
-    }
-    (plan, steps.records().to_vec(), uplink)
+    // Not fatal: without a host key sshd fails alone and says why. The supervisor shows it.
+    let host_key = plan.chat.as_ref().and_then(|chat| {
+        steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)).ok()
+    });
+    (plan, steps.records().to_vec(), uplink, host_key)
 }
 
 /// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of

@@ -107,6 +107,8 @@ pub struct Supervisor<'a> {
     network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
     /// The onion address, once shown on the console.
     onion: Option<String>,
+    /// sshd's host key fingerprint, shown on the console after unlock.
+    host_key: Option<String>,
     /// The restricted shells' session socket, when the plan has chat users.
     sessions: Option<Sessions>,
 }
@@ -132,6 +134,7 @@ impl<'a> Supervisor<'a> {
             kmsg: None,
             network: None,
             onion: None,
+            host_key: None,
             sessions: None,
         };
         if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
@@ -357,12 +360,27 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// Shows sshd's host key fingerprint on the console, as text and as a QR code, and keeps
+    /// it for the control socket's `identity`.
+    pub fn show_host_key(&mut self, key: crate::chat::HostKey) {
+        self.note(&key.line());
+        self.show_qr(&key.fingerprint);
+        self.host_key = Some(key.fingerprint);
+    }
+
+    fn show_qr(&mut self, text: &str) {
+        for line in crate::qr::lines(text) {
+            self.note(&line);
+        }
+    }
+
     /// Shows the onion address once tor has written it (tor's readiness is that file).
     fn announce_onion(&mut self) {
         let Some(chat) = self.plan.chat.as_ref().filter(|_| self.onion.is_none()) else { return };
         match crate::chat::onion_address(&chat.onion_hostname) {
             Ok(Some(addr)) => {
                 self.note(&format!("{} {addr}", marker::ONION_ADDRESS));
+                self.show_qr(&addr);
                 self.onion = Some(addr);
             }
             Ok(None) => {}
@@ -636,6 +654,7 @@ impl<'a> Supervisor<'a> {
                 reply(client, &answer);
             }
             Request::Account(change) => return (self.start_account_change(client, &change, None), None),
+            Request::Identity => reply(client, &self.identity()),
             Request::PowerOff | Request::Reboot => {
                 reply(client, &json!({"ok": true}));
                 self.note(&format!(
@@ -714,6 +733,17 @@ impl<'a> Supervisor<'a> {
             }
         }
         json!({"ok": true})
+    }
+
+    /// What users check before they connect, as text and as QR code lines.
+    fn identity(&self) -> serde_json::Value {
+        let with_qr =
+            |text: &Option<String>| text.as_ref().map(|t| json!({ "text": t, "qr": crate::qr::lines(t) }));
+        json!({
+            "ok": true,
+            "onion_address": with_qr(&self.onion),
+            "ssh_host_key": with_qr(&self.host_key),
+        })
     }
 
     fn status(&self) -> serde_json::Value {

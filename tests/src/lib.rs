@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod qr;
 pub mod tools;
 pub mod tornet;
 

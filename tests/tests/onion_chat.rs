@@ -62,13 +62,21 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
         let onion = vm.wait_for(marker::ONION_ADDRESS, TO_ONION)?;
         Ok((word_after(&key, marker::SSH_HOST_KEY)?, word_after(&onion, marker::ONION_ADDRESS)?))
     })?;
+    // Users check both by scanning the console: each QR code says what its line says (the
+    // code's lines may still be on their way when its text line has arrived).
+    for (marker, value) in [(marker::SSH_HOST_KEY, &host_key), (marker::ONION_ADDRESS, &onion)] {
+        let scanned = retry_until(Duration::from_secs(30), || {
+            Ok(cloister_tests::qr::after_marker(&vm.console_text(), marker).filter(|s| s == value))
+        });
+        ensure!(scanned.is_ok(), "the console's QR code after {marker:?} never read {value}");
+    }
     let images = e2e.image.parent().context("image dir")?;
     let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images, transcript: &chat_log };
     let first = timed("first login through the onion service", || ssh.first_login("alice"))?;
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    let result = scenarios(&ssh);
+    let result = scenarios(&ssh, &host_key);
     // Test artifacts beside the other runs' (the scratch directory goes on success): what the
     // appliance printed, to read the timings and refusals from.
     std::fs::write(e2e.work.join("onion-chat-console.log"), vm.console_text())?;
@@ -115,7 +123,7 @@ fn judge_capture(frames: &[capture::Frame]) -> Result<String> {
 }
 
 /// Everything else on the same VM: each refusal leaves the service working for the next.
-fn scenarios(ssh: &Ssh) -> Result<()> {
+fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
     timed("two users chat through irssi; the client cannot escape", || two_users_chat(ssh))?;
     timed("a command instead of the shell is refused", || {
         let out = ssh.run("bob", &[], &["id"], "")?;
@@ -192,6 +200,9 @@ fn scenarios(ssh: &Ssh) -> Result<()> {
         let said = passwd_dialogue(ssh, "bob", &answers)?;
         ensure!(said.contains("the current password is wrong"), "{}", tail(&said));
         Ok(())
+    })?;
+    timed("the admin CLI shows the onion address and host key with QR codes", || {
+        admin::admin_shows_identity(ssh, ssh.onion, host_key)
     })?;
     timed("the admin adds, locks, expires and removes a chat user over the onion", || {
         admin::admin_manages_chat_users(ssh)

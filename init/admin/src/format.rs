@@ -34,6 +34,23 @@ pub fn answer(words: &[&str], answer: &Value) -> String {
     }
 }
 
+/// The onion address and the host key fingerprint, each with its QR code, for users to check
+/// what they connect to.
+pub fn identity(answer: &Value) -> String {
+    let mut out = Vec::new();
+    for (key, label) in [("onion_address", "onion address"), ("ssh_host_key", "ssh host key")] {
+        match answer[key]["text"].as_str() {
+            Some(t) => out.push(format!("{label}: {}", text(&Value::String(t.into())))),
+            None => {
+                out.push(format!("{label}: not known yet"));
+                continue;
+            }
+        }
+        out.extend(answer[key]["qr"].as_array().into_iter().flatten().map(text));
+    }
+    out.join("\n")
+}
+
 /// A new chat user, with its generated password when there is one.
 pub fn added(answer: &Value) -> String {
     let name = text(&answer["name"]);
@@ -119,6 +136,16 @@ mod tests {
         assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes"), "{t}");
         assert!(rows[2].contains("b?[2J") && rows[2].contains("2027-01-31"), "{t}");
         assert_eq!(answer(&["admin", "list"], &json!({"accounts": []})), "no admin accounts");
+    }
+
+    #[test]
+    fn identity_is_text_then_its_qr_lines() {
+        let a = json!({"ok": true, "onion_address": {"text": "x.onion", "qr": ["\u{2588}\u{2580}", "\u{2584} "]},
+                       "ssh_host_key": null});
+        assert_eq!(
+            identity(&a),
+            "onion address: x.onion\n\u{2588}\u{2580}\n\u{2584} \nssh host key: not known yet"
+        );
     }
 
     #[test]

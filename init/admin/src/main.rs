@@ -27,6 +27,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
 
 const HELP: &str = "\
 commands:
+  show                                the onion address and ssh host key, as text and QR codes
   status                              services, network, uptime
   log                                 the newest lines of the appliance's log
   user list                           chat users, locked, expiry, logged in
@@ -145,6 +146,7 @@ fn run(socket: &Path, line: &str) -> Result<String, String> {
             let answer = request(socket, &format!("user add {name} --password"), Some(&password))?;
             Ok(format::added(&answer))
         }
+        ["show"] => Ok(format::identity(&request(socket, "identity", None)?)),
         ["status" | "log" | "poweroff" | "reboot"] | ["restart", _] | ["user" | "admin", ..] => {
             let answer = request(socket, &words.join(" "), None)?;
             Ok(format::answer(&words, &answer))

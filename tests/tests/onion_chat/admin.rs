@@ -61,6 +61,18 @@ fn removal_ends_the_session(ssh: &Ssh) -> Result<()> {
     Ok(())
 }
 
+/// `show`: the onion address and the host key fingerprint, each followed by its QR code, and
+/// both what the console said.
+pub fn admin_shows_identity(ssh: &Ssh, onion: &str, host_key: &str) -> Result<()> {
+    let shown = ssh.admin(&["show"])?;
+    for (label, value) in [("onion address: ", onion), ("ssh host key: ", host_key)] {
+        ensure!(shown.contains(&format!("{label}{value}")), "{label} missing:\n{shown}");
+        let scanned = cloister_tests::qr::after_marker(&shown, label);
+        ensure!(scanned.as_deref() == Some(value), "the QR after {label:?} reads {scanned:?}:\n{shown}");
+    }
+    Ok(())
+}
+
 /// Refusals through the admin CLI, each a clear error that changes nothing; the last admin
 /// stays; chat users get no admin CLI and the admin gets no password login.
 pub fn admin_refusals(ssh: &Ssh) -> Result<()> {
