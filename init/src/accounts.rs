@@ -191,7 +191,8 @@ impl Db<'_> {
         // never read.
         let keys = &self.plan.admin_keys;
         std::fs::create_dir_all(keys).map_err(db_err("key directory"))?;
-        write_new(&keys.join(name), &format!("{line}\n"), 0o644)?;
+        passwd::write_replacing(&keys.join(name), &format!("{line}\n"), 0o644)
+            .map_err(db_err("writing the key file"))?;
         let uid = self.add(&self.plan.admin, name, "*")?;
         Ok(json!({ "name": name, "uid": uid }))
     }
@@ -211,7 +212,8 @@ impl Db<'_> {
         // it belongs to nobody, so it is replaced.
         let mut shadow_text = without_line(&shadow, name);
         shadow_text.push_str(&format!("{name}:{hash}:{}:0:99999:7:::\n", self.today));
-        passwd::write_replacing(&self.shadow_path(), &shadow_text).map_err(db_err("writing shadow"))?;
+        passwd::write_replacing(&self.shadow_path(), &shadow_text, 0o640)
+            .map_err(db_err("writing shadow"))?;
         let home = kind.homes.join(name);
         let line = format!("{name}:x:{uid}:{}::{}:{}\n", kind.gid, home.display(), kind.shell.display());
         let mut passwd_text = passwd.clone();
@@ -219,7 +221,8 @@ impl Db<'_> {
             passwd_text.push('\n');
         }
         passwd_text.push_str(&line);
-        passwd::write_replacing(&self.passwd_path(), &passwd_text).map_err(db_err("writing passwd"))?;
+        passwd::write_replacing(&self.passwd_path(), &passwd_text, 0o644)
+            .map_err(db_err("writing passwd"))?;
         fresh_home(&home, uid, kind.gid)?;
         Ok(uid)
     }
@@ -244,9 +247,9 @@ impl Db<'_> {
         self.edit_shadow(name, |f| lock_field(f, true))?;
         let killed = (self.kill)(entry.uid).map_err(Database)?;
         let (passwd, shadow) = self.read()?;
-        passwd::write_replacing(&self.passwd_path(), &without_line(&passwd, name))
+        passwd::write_replacing(&self.passwd_path(), &without_line(&passwd, name), 0o644)
             .map_err(db_err("writing passwd"))?;
-        passwd::write_replacing(&self.shadow_path(), &without_line(&shadow, name))
+        passwd::write_replacing(&self.shadow_path(), &without_line(&shadow, name), 0o640)
             .map_err(db_err("writing shadow"))?;
         remove_tree(&kind.homes.join(name))?;
         remove_if_there(&self.client_configs.join(format!("irssi-{}.conf", entry.uid)))?;
@@ -273,25 +276,12 @@ impl Db<'_> {
     }
 
     /// Rewrites `name`'s shadow line through `edit` on its fields.
-    fn edit_shadow(&self, name: &str, edit: impl Fn(&mut Vec<String>)) -> Result<(), AccountError> {
+    fn edit_shadow(&self, name: &str, edit: impl FnOnce(&mut Vec<String>)) -> Result<(), AccountError> {
         let (_, shadow) = self.read()?;
-        let mut found = false;
-        let mut out = Zeroizing::new(String::with_capacity(shadow.len() + 16));
-        for line in shadow.lines() {
-            let mut fields: Vec<String> = line.split(':').map(str::to_owned).collect();
-            if fields[0] == name && !found {
-                found = true;
-                edit(&mut fields);
-                out.push_str(&fields.join(":"));
-            } else {
-                out.push_str(line);
-            }
-            out.push('\n');
-        }
-        if !found {
-            return Err(Database(format!("{name:?} has no shadow entry")));
-        }
-        passwd::write_replacing(&self.shadow_path(), &out).map_err(db_err("writing shadow"))
+        let out = passwd::edit_line(&shadow, name, edit)
+            .map(Zeroizing::new)
+            .ok_or_else(|| Database(format!("{name:?} has no shadow entry")))?;
+        passwd::write_replacing(&self.shadow_path(), &out, 0o640).map_err(db_err("writing shadow"))
     }
 }
 
@@ -324,19 +314,6 @@ fn lock_field(fields: &mut [String], locked: bool) {
 /// `text` without the line of account `name`.
 fn without_line(text: &str, name: &str) -> String {
     text.lines().filter(|l| l.split(':').next() != Some(name)).map(|l| format!("{l}\n")).collect()
-}
-
-/// Writes a new file at `path` (temporary name, fsync, rename), owned by root.
-fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), AccountError> {
-    let tmp = path.with_extension("cloister-new");
-    let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        std::fs::write(&tmp, text)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(db_err("writing the key file"))
 }
 
 /// A fresh, empty home: whatever an earlier account of that name left there goes first.

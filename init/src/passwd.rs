@@ -70,27 +70,33 @@ pub fn shadow_hash<'a>(shadow: &'a str, name: &str) -> Option<&'a str> {
 /// `shadow` with `name`'s hash replaced and its last-change day set to `today`; every other
 /// line byte for byte as it was.
 pub fn replace_hash(shadow: &str, name: &str, new_hash: &str, today: u64) -> Result<String, PasswdError> {
-    let mut found = false;
-    let mut out = String::with_capacity(shadow.len() + new_hash.len());
-    for line in shadow.split_inclusive('\n') {
+    edit_line(shadow, name, |fields| {
+        if fields.len() >= 3 {
+            fields[1] = new_hash.to_owned();
+            fields[2] = today.to_string();
+        }
+    })
+    .ok_or(PasswdError::NoUser)
+}
+
+/// `text` (passwd or shadow) with the first line of account `name` passed through `edit` as
+/// its `:`-separated fields; every other byte as it was. `None` when `name` has no line.
+pub fn edit_line(text: &str, name: &str, edit: impl FnOnce(&mut Vec<String>)) -> Option<String> {
+    let mut edit = Some(edit);
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
         let body = line.strip_suffix('\n').unwrap_or(line);
-        let mut fields: Vec<&str> = body.split(':').collect();
-        if fields.first() == Some(&name) && fields.len() >= 3 && !found {
-            found = true;
-            let day = today.to_string();
-            fields[1] = new_hash;
-            fields[2] = &day;
-            out.push_str(&fields.join(":"));
-            out.push_str(&line[body.len()..]);
-        } else {
-            out.push_str(line);
+        match (body.split(':').next() == Some(name)).then(|| edit.take()).flatten() {
+            Some(edit) => {
+                let mut fields: Vec<String> = body.split(':').map(str::to_owned).collect();
+                edit(&mut fields);
+                out.push_str(&fields.join(":"));
+                out.push_str(&line[body.len()..]);
+            }
+            None => out.push_str(line),
         }
     }
-    if found {
-        Ok(out)
-    } else {
-        Err(PasswdError::NoUser)
-    }
+    edit.is_none().then_some(out)
 }
 
 /// The login name of `uid` in passwd text.
@@ -114,18 +120,23 @@ pub fn change(etc: &Path, uid: u32, current: &str, new: &str, today: u64) -> Res
     }
     check_new_password(current, new)?;
     let text = replace_hash(&shadow, name, &hash(new)?, today)?;
-    write_replacing(&shadow_path, &text).map_err(db)
+    write_replacing(&shadow_path, &text, 0o640).map_err(db)
 }
 
-/// Writes `text` next to `path` with its owner and mode, syncs, and renames it over `path`:
-/// a power cut leaves the old file or the new one, never half of either.
-pub(crate) fn write_replacing(path: &Path, text: &str) -> std::io::Result<()> {
-    let meta = std::fs::metadata(path)?;
+/// Writes `text` next to `path` with its owner and mode (root's and `new_mode` for a file that
+/// does not exist yet), syncs, and renames it over `path`, then syncs the directory: a power cut
+/// leaves the old file or the new one, never half of either.
+pub(crate) fn write_replacing(path: &Path, text: &str, new_mode: u32) -> std::io::Result<()> {
+    let (uid, gid, mode) = match std::fs::metadata(path) {
+        Ok(meta) => (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0, new_mode),
+        Err(e) => return Err(e),
+    };
     let fresh = path.with_extension("cloister-new");
     let _ = std::fs::remove_file(&fresh);
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&fresh)?;
-    std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
-    file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     drop(file);
