@@ -41,6 +41,9 @@ impl Default for OnionConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ChatConfig {
     pub users: Vec<ChatUser>,
+    /// Users without a second factor (TOTP, set up with `totp` in their shell) must set one
+    /// up at their next login before anything else.
+    pub require_totp: bool,
 }
 
 /// One chat account: its login name and the crypt(3) hash of its password (never the password).
@@ -181,7 +184,7 @@ mod tests {
         const KEY: &str =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqUUNcrpcdDksXxNuda4QJg6P8JCz80b+4wMV18Iwt ops";
         let admin = |name: &str, key: &str| AdminAccount { name: name.into(), ssh_key: key.into() };
-        let chat = ChatConfig { users: vec![user("alice", HASH)] };
+        let chat = ChatConfig { users: vec![user("alice", HASH)], ..Default::default() };
         assert_eq!(AdminConfig { accounts: vec![admin("ops", KEY)] }.validate(&chat), Ok(()));
         for (accounts, says) in [
             (vec![admin("alice", KEY)], "entry 1: \"alice\" is also a chat user"),
@@ -207,11 +210,13 @@ mod tests {
 
     #[test]
     fn chat_users_are_checked_with_their_entry_number() {
-        let ok = ChatConfig { users: vec![user("alice", HASH), user("bob", HASH)] };
+        let ok = ChatConfig { users: vec![user("alice", HASH), user("bob", HASH)], ..Default::default() };
         assert_eq!(ok.validate(), Ok(()));
-        let twice = ChatConfig { users: vec![user("alice", HASH), user("alice", HASH)] };
+        let twice =
+            ChatConfig { users: vec![user("alice", HASH), user("alice", HASH)], ..Default::default() };
         assert!(twice.validate().unwrap_err().1.contains("entry 2: \"alice\" is listed twice"));
-        let plain = ChatConfig { users: vec![user("alice", "correct horse battery staple")] };
+        let plain =
+            ChatConfig { users: vec![user("alice", "correct horse battery staple")], ..Default::default() };
         let (key, why) = plain.validate().unwrap_err();
         assert_eq!(key, "chat.users");
         assert!(why.contains("entry 1 (alice): password_hash"), "{why}");

@@ -52,6 +52,11 @@ pub enum Change {
         name: String,
         day: Option<u64>,
     },
+    /// Drops the user's second factor (a lost phone): the next login needs the password only,
+    /// or enrols anew when the policy requires one.
+    UserResetTotp {
+        name: String,
+    },
     AdminList,
     AdminAdd {
         name: String,
@@ -82,6 +87,8 @@ pub struct Db<'a> {
     pub plan: &'a AccountsPlan,
     /// Per-user chat client configs PID 1 wrote (`irssi-<uid>.conf`), removed with the user.
     pub client_configs: PathBuf,
+    /// Second factors, dropped with their account.
+    pub totp: crate::totp::Store,
     pub today: u64,
     /// Ends the processes of a uid ([`kill_uid`]; tests pass one that touches nothing).
     pub kill: fn(u32) -> Result<usize, String>,
@@ -118,6 +125,11 @@ impl Db<'_> {
             Change::UserLock { name } => self.set_locked(name, true),
             Change::UserUnlock { name } => self.set_locked(name, false),
             Change::UserExpire { name, day } => self.set_expiry(name, *day),
+            Change::UserResetTotp { name } => {
+                let entry = self.find(chat, name)?;
+                let dropped = self.totp.remove(entry.uid).map_err(Database)?;
+                Ok(json!({ "name": name, "had_totp": dropped }))
+            }
             Change::AdminAdd { name, key } => self.add_admin(name, key),
         }
     }
@@ -160,6 +172,7 @@ impl Db<'_> {
                     "uid": e.uid,
                     "locked": locked,
                     "expires": expires.map(cloister_plan::accounts::format_date),
+                    "totp": self.totp.load(e.uid).map(|t| t.is_some()).unwrap_or(true),
                 })
             })
             .collect();
@@ -208,6 +221,9 @@ impl Db<'_> {
         let uid = (kind.first_uid..=kind.last_uid)
             .find(|u| all.iter().all(|e| e.uid != *u))
             .ok_or_else(|| Refused("no free uid left for this kind of account".into()))?;
+        // A second factor of an earlier account with this uid (an interrupted removal) is not
+        // the new account's.
+        self.totp.remove(uid).map_err(Database)?;
         // A shadow line without a passwd line is what an interrupted add or remove leaves:
         // it belongs to nobody, so it is replaced.
         let mut shadow_text = without_line(&shadow, name);
@@ -253,6 +269,7 @@ impl Db<'_> {
             .map_err(db_err("writing shadow"))?;
         remove_tree(&kind.homes.join(name))?;
         remove_if_there(&self.client_configs.join(format!("irssi-{}.conf", entry.uid)))?;
+        self.totp.remove(entry.uid).map_err(Database)?;
         Ok(json!({ "name": name, "uid": entry.uid, "processes_killed": killed }))
     }
 
@@ -491,6 +508,7 @@ pub fn run_mode() -> ! {
                     etc: "/etc".into(),
                     plan: &accounts,
                     client_configs: Path::new(cloister_plan::RUN_DIR).join("chat"),
+                    totp: crate::totp::Store::new(cloister_plan::accounts::TOTP_DIR),
                     today: passwd::today(),
                     kill: kill_uid,
                 };
@@ -560,6 +578,7 @@ mod tests {
                 etc: self.dir.path().join("etc"),
                 plan: &self.plan,
                 client_configs: self.dir.path().join("run"),
+                totp: crate::totp::Store::new(self.dir.path().join("totp")),
                 today: 20_000,
                 // Never signal anything on the machine running the tests.
                 kill: |uid| if uid >= 2001 { Ok(0) } else { Err(format!("uid {uid}")) },
@@ -568,6 +587,12 @@ mod tests {
 
         fn file(&self, name: &str) -> String {
             std::fs::read_to_string(self.dir.path().join(name)).unwrap()
+        }
+
+        /// An enrolled second factor in the store, as a login leaves it.
+        fn enrol(&self, path: &Path) {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, format!("secret {}\nlast 1\n", "A".repeat(32))).unwrap();
         }
     }
 
@@ -647,7 +672,7 @@ mod tests {
         let list = f.db().apply(&Change::UserList, None).unwrap();
         assert_eq!(
             list["accounts"],
-            json!([{"name": "alice", "uid": 2001, "locked": true, "expires": "2026-11-23"}])
+            json!([{"name": "alice", "uid": 2001, "locked": true, "expires": "2026-11-23", "totp": false}])
         );
         assert!(f.file("etc/shadow").contains("alice:!$6$a$b:1:0:99999:7::20780:\n"));
         f.db().apply(&Change::UserUnlock { name: user("alice") }, None).unwrap();
@@ -661,15 +686,36 @@ mod tests {
     #[test]
     fn removing_takes_the_lines_and_the_home() {
         let f = Fixture::new();
-        f.db().apply(&Change::UserAdd { name: user("carol"), chosen: false }, None).unwrap();
+        let added = f.db().apply(&Change::UserAdd { name: user("carol"), chosen: false }, None).unwrap();
         std::fs::write(f.plan.chat.homes.join("carol/.irssi"), "x").unwrap();
+        let totp = f.dir.path().join(format!("totp/{}", added["uid"]));
+        f.enrol(&totp);
         let gone = f.db().apply(&Change::UserRemove { name: user("carol") }, None).unwrap();
         assert_eq!(gone["processes_killed"], 0);
         assert!(!f.file("etc/passwd").contains("carol") && !f.file("etc/shadow").contains("carol"));
         assert!(!f.plan.chat.homes.join("carol").exists());
+        assert!(!totp.exists(), "the second factor outlived its account");
         // The name can be taken again, with a fresh home.
         f.db().apply(&Change::UserAdd { name: user("carol"), chosen: false }, None).unwrap();
         assert_eq!(std::fs::read_dir(f.plan.chat.homes.join("carol")).unwrap().count(), 0);
+    }
+
+    /// A lost phone: the admin drops the second factor, and only that.
+    #[test]
+    fn reset_totp_drops_the_second_factor() {
+        let f = Fixture::new();
+        let totp = f.dir.path().join("totp/2001");
+        f.enrol(&totp);
+        let list = f.db().apply(&Change::UserList, None).unwrap();
+        assert_eq!(list["accounts"][0]["totp"], true);
+        let reset = f.db().apply(&Change::UserResetTotp { name: user("alice") }, None).unwrap();
+        assert_eq!(reset, json!({"name": "alice", "had_totp": true}));
+        assert!(!totp.exists());
+        let again = f.db().apply(&Change::UserResetTotp { name: user("alice") }, None).unwrap();
+        assert_eq!(again["had_totp"], false);
+        let e = f.db().apply(&Change::UserResetTotp { name: user("ops") }, None).unwrap_err();
+        assert_eq!(e, Refused("no chat account \"ops\"".into()));
+        assert!(f.file("etc/passwd").contains("alice:"));
     }
 
     #[test]

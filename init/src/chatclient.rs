@@ -55,6 +55,15 @@ pub fn find_user(passwd: &str, uid: u32, homes: &Path) -> Option<ChatUser> {
     })
 }
 
+/// The login name of `uid` in passwd text, if it is a plain one (safe in a URI or a message).
+pub fn login_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut f = line.split(':');
+        let (name, uid_field) = (f.next()?, f.nth(1)?);
+        (uid_field.parse::<u32>().ok()? == uid && plain_login(name)).then(|| name.to_owned())
+    })
+}
+
 fn plain_login(name: &str) -> bool {
     let mut bytes = name.bytes();
     bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')

@@ -72,13 +72,14 @@ fn parse_user(words: &[&str]) -> Result<Change, String> {
         ["remove", n] => Change::UserRemove { name: name(n) },
         ["lock", n] => Change::UserLock { name: name(n) },
         ["unlock", n] => Change::UserUnlock { name: name(n) },
+        ["reset-totp", n] => Change::UserResetTotp { name: name(n) },
         ["expire", n, "never"] => Change::UserExpire { name: name(n), day: None },
         ["expire", n, date] => {
             Change::UserExpire { name: name(n), day: Some(cloister_plan::accounts::parse_date(date)?) }
         }
         _ => {
             return Err("user takes: list | add <name> [--password] | remove <name> | lock <name> | \
-                        unlock <name> | expire <name> <YYYY-MM-DD|never>"
+                        unlock <name> | expire <name> <YYYY-MM-DD|never> | reset-totp <name>"
                 .into())
         }
     })

@@ -29,7 +29,6 @@ mod network;
 mod passphrase;
 mod passwd;
 mod power;
-mod qr;
 mod root;
 mod sandbox;
 mod sessions;
@@ -39,6 +38,7 @@ mod stage2;
 mod supervisor;
 mod sys;
 mod system;
+mod totp;
 mod unlock;
 
 use std::time::Duration;

@@ -5,6 +5,11 @@
 //! however it dies, the lock can never go stale. Requests are single lines (protocol in
 //! `init/shell`'s crate docs and ARCHITECTURE.md); descriptors arrive with SCM_RIGHTS.
 //! Everything is non-blocking: PID 1 serves it from its poll loop.
+//!
+//! The second factor is PID 1's to check: `hello` answers `code` when the account has TOTP
+//! (`totp.rs`) and `enrol` when the policy wants one it lacks, and the connection holds no
+//! session, and may ask for nothing, until `code` (or `totp-confirm`, when enrolling) passes.
+//! Three wrong codes end the connection.
 
 use std::io::{ErrorKind, IoSliceMut, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -23,11 +28,14 @@ use cloister_proto::session::{is_valid_lang, is_valid_term};
 
 use crate::chatclient;
 use crate::supervisor::Lines;
+use crate::totp;
 
 /// Longest request line; a longer one ends the connection.
 const MAX_LINE: usize = 1024;
 /// Connections at once (each is one login).
 const MAX_SESSIONS: usize = 256;
+/// Wrong second-factor codes a login may type before its connection is closed.
+pub const MAX_WRONG_CODES: u8 = 3;
 
 pub struct Sessions {
     listener: UnixListener,
@@ -48,6 +56,10 @@ pub struct ChatContext {
     pub netns: PathBuf,
     pub new_root: PathBuf,
     pub hostname: String,
+    /// The second factors; `None`: logins need none (tests of other things).
+    pub totp: Option<totp::Store>,
+    /// Accounts without a second factor must enrol one before anything else.
+    pub require_totp: bool,
 }
 
 /// A running chat client: its launch chain (whose ns-init's death takes the client's whole
@@ -58,12 +70,27 @@ struct Running {
     started: bool,
 }
 
+/// Where a connection's login stands.
+enum Login {
+    /// No `hello` yet, or it was answered `busy`.
+    Out,
+    /// `hello` was answered `code`: a code must pass first.
+    Code { enrolment: totp::Enrolment, wrong: u8 },
+    /// `hello` was answered `enrol`: a second factor must be set up first.
+    Enrol,
+    /// This connection is the uid's session.
+    In,
+}
+
 struct Conn {
     stream: UnixStream,
     uid: u32,
     buf: Vec<u8>,
-    /// Said `hello` and got `ok`: this connection is the uid's session.
-    holds: bool,
+    login: Login,
+    /// A secret offered by `totp-new`, kept until `totp-confirm` proves the app has it.
+    offered: Option<totp::Secret>,
+    /// Told why it ends: dropped once the answer is out.
+    closing: bool,
     /// Descriptors that came with the bytes in `buf`, for the request they belong to.
     fds: Vec<OwnedFd>,
     chat: Option<Running>,
@@ -99,6 +126,12 @@ enum Request {
     /// The terminal changed size: pass SIGWINCH to the client. No answer.
     Winch,
     Passwd,
+    /// The second factor's code at login.
+    Code(String),
+    /// Enrolment: a fresh secret, as an `otpauth://` URI for the app.
+    TotpNew,
+    /// Enrolment: the app's first code proves it holds the offered secret.
+    TotpConfirm(String),
 }
 
 impl Sessions {
@@ -148,7 +181,12 @@ impl Sessions {
                     continue;
                 }
                 let answer = match parse(&line) {
-                    Ok(Request::Hello) => Some(hello(&conns, i, note)),
+                    Ok(Request::Hello) => Some(hello(&self.chat, &mut conns, i, note)),
+                    Ok(Request::Code(code)) => Some(login_code(&self.chat, &mut conns, i, &code, note)),
+                    Ok(Request::TotpNew) => Some(offer_secret(&self.chat, &mut conns[i], note)),
+                    Ok(Request::TotpConfirm(code)) => {
+                        Some(confirm_secret(&self.chat, &mut conns, i, &code, note))
+                    }
                     Ok(Request::Chat { term, lang }) => {
                         start_chat(&self.chat, &mut conns[i], &term, &lang, note)
                     }
@@ -166,12 +204,15 @@ impl Sessions {
                 };
                 conns[i].fds.clear();
                 if let Some(answer) = answer {
-                    conns[i].holds |= answer == "ok";
                     conns[i].send(&answer);
+                }
+                if conns[i].closing {
+                    break;
                 }
             }
             conns[i].check_started();
         }
+        conns.retain(|c| !c.closing);
         let before = conns.len();
         conns.retain(|c| c.buf.len() <= MAX_LINE);
         if conns.len() < before {
@@ -217,7 +258,7 @@ impl Sessions {
 
     /// The uids holding a session now.
     pub fn logged_in(&self) -> Vec<u32> {
-        self.conns.iter().filter(|c| c.holds).map(|c| c.uid).collect()
+        self.conns.iter().filter(|c| c.holds()).map(|c| c.uid).collect()
     }
 
     /// Kills every running chat client and password change (shutdown; a change is either
@@ -242,7 +283,9 @@ impl Sessions {
                     stream,
                     uid,
                     buf: Vec::new(),
-                    holds: false,
+                    login: Login::Out,
+                    offered: None,
+                    closing: false,
                     fds: Vec::new(),
                     chat: None,
                     secrets: None,
@@ -253,13 +296,145 @@ impl Sessions {
     }
 }
 
-/// `ok` unless another connection of the same uid holds the session.
-fn hello(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
-    let uid = conns[i].uid;
-    if conns.iter().enumerate().any(|(j, c)| j != i && c.uid == uid && c.holds) {
-        note(&format!("cloister: session: uid {uid} is already logged in"));
-        return "busy".into();
+/// `busy` when another connection of the same uid holds the session; otherwise `code` (the
+/// account has a second factor), `enrol` (it needs one and has none) or `ok` (logged in).
+fn hello(ctx: &ChatContext, conns: &mut [Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
+    if !matches!(conns[i].login, Login::Out) {
+        return "error hello was said already".into();
     }
+    if let Some(busy) = refuse_second_session(conns, i, note) {
+        return busy;
+    }
+    let uid = conns[i].uid;
+    let Some(store) = &ctx.totp else {
+        conns[i].login = Login::In;
+        return "ok".into();
+    };
+    match store.load(uid) {
+        Ok(Some(enrolment)) => {
+            conns[i].login = Login::Code { enrolment, wrong: 0 };
+            "code".into()
+        }
+        Ok(None) if ctx.require_totp => {
+            conns[i].login = Login::Enrol;
+            "enrol".into()
+        }
+        Ok(None) => {
+            conns[i].login = Login::In;
+            "ok".into()
+        }
+        Err(e) => {
+            note(&format!("cloister: session: {e}"));
+            "error the second factor cannot be checked now".into()
+        }
+    }
+}
+
+/// `busy` when another connection of connection `i`'s uid holds the session.
+fn refuse_second_session(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> Option<String> {
+    let uid = conns[i].uid;
+    if conns.iter().enumerate().any(|(j, c)| j != i && c.uid == uid && c.holds()) {
+        note(&format!("cloister: session: uid {uid} is already logged in"));
+        return Some("busy".into());
+    }
+    None
+}
+
+/// A login's second-factor code: `ok` and the session is held, or why not; the third wrong
+/// code closes the connection.
+fn login_code(
+    ctx: &ChatContext,
+    conns: &mut [Conn],
+    i: usize,
+    code: &str,
+    note: &mut dyn FnMut(&str),
+) -> String {
+    let uid = conns[i].uid;
+    let (Some(store), Login::Code { enrolment, wrong }) = (&ctx.totp, &mut conns[i].login) else {
+        return "error no code was asked for".into();
+    };
+    let verdict = match store.check_login(uid, enrolment, code) {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            note(&format!("cloister: session: {e}"));
+            return "error the second factor cannot be checked now".into();
+        }
+    };
+    let why = match verdict {
+        totp::Verdict::Accepted { .. } => {
+            if let Some(busy) = refuse_second_session(conns, i, note) {
+                conns[i].login = Login::Out;
+                return busy;
+            }
+            conns[i].login = Login::In;
+            return "ok".into();
+        }
+        totp::Verdict::Reused => "that code was used already; wait for the next one",
+        totp::Verdict::Wrong => "wrong code",
+    };
+    *wrong += 1;
+    note(&format!("cloister: session: uid {uid}: {why} ({wrong} of {MAX_WRONG_CODES})"));
+    if *wrong >= MAX_WRONG_CODES {
+        conns[i].closing = true;
+        return "error too many wrong codes".into();
+    }
+    format!("error {why}")
+}
+
+/// `secret <otpauth URI>`: a fresh secret for the account's authenticator app, which counts
+/// only once `totp-confirm` has shown a code of it.
+fn offer_secret(ctx: &ChatContext, conn: &mut Conn, note: &mut dyn FnMut(&str)) -> String {
+    if !matches!(conn.login, Login::In | Login::Enrol) {
+        return "error say hello first".into();
+    }
+    if ctx.totp.is_none() {
+        return "error two-factor login is not available on this build".into();
+    }
+    let passwd = std::fs::read_to_string(&ctx.passwd).unwrap_or_default();
+    let Some(name) = chatclient::login_name(&passwd, conn.uid) else {
+        return "error this account cannot chat".into();
+    };
+    match totp::Secret::generate() {
+        Ok(secret) => {
+            let uri = secret.uri(&name);
+            conn.offered = Some(secret);
+            format!("secret {}", uri.as_str())
+        }
+        Err(e) => {
+            note(&format!("cloister: session: new second factor: {e}"));
+            "error a second factor cannot be made now".into()
+        }
+    }
+}
+
+/// `ok` once `code` is a code of the offered secret: it replaces the account's second factor
+/// (and, when the login was waiting for one, the session is held).
+fn confirm_secret(
+    ctx: &ChatContext,
+    conns: &mut [Conn],
+    i: usize,
+    code: &str,
+    note: &mut dyn FnMut(&str),
+) -> String {
+    let uid = conns[i].uid;
+    let (Some(store), Some(secret)) = (&ctx.totp, conns[i].offered.as_ref()) else {
+        return "error ask for a new secret first".into();
+    };
+    let totp::Verdict::Accepted { step } = secret.judge(code, totp::now(), None) else {
+        return "error wrong code".into();
+    };
+    if matches!(conns[i].login, Login::Enrol) {
+        if let Some(busy) = refuse_second_session(conns, i, note) {
+            return busy;
+        }
+    }
+    let Some(secret) = conns[i].offered.take() else { return "error ask for a new secret first".into() };
+    if let Err(e) = store.save(uid, &totp::Enrolment { secret, last_step: Some(step) }) {
+        note(&format!("cloister: session: {e}"));
+        return "error the second factor cannot be saved now".into();
+    }
+    note(&format!("cloister: session: uid {uid} enrolled a second factor"));
+    conns[i].login = Login::In;
     "ok".into()
 }
 
@@ -267,7 +442,7 @@ fn hello(conns: &[Conn], i: usize, note: &mut dyn FnMut(&str)) -> String {
 /// when the child exits ([`Sessions::on_exit`]), or now if it cannot start.
 fn start_passwd(conn: &mut Conn, note: &mut dyn FnMut(&str)) -> Option<String> {
     let secrets = conn.secrets.take().unwrap_or_default();
-    if !conn.holds {
+    if !conn.holds() {
         return Some("error say hello first".into());
     }
     if conn.passwd.is_some() {
@@ -312,7 +487,7 @@ fn start_chat(
     let Some(client) = &ctx.client else {
         return Some("error the chat client is not available on this build".into());
     };
-    if !conn.holds {
+    if !conn.holds() {
         return Some("error say hello first".into());
     }
     if conn.chat.is_some() {
@@ -355,6 +530,14 @@ fn parse(line: &str) -> Result<Request, String> {
         Some("hello") if words.next().is_none() => Ok(Request::Hello),
         Some("winch") if words.next().is_none() => Ok(Request::Winch),
         Some("passwd") if words.next().is_none() => Ok(Request::Passwd),
+        Some("totp-new") if words.next().is_none() => Ok(Request::TotpNew),
+        Some(verb @ ("code" | "totp-confirm")) => {
+            let (Some(code), None) = (words.next(), words.next()) else {
+                return Err(format!("{verb} takes one code"));
+            };
+            let code = code.to_owned();
+            Ok(if verb == "code" { Request::Code(code) } else { Request::TotpConfirm(code) })
+        }
         Some("chat") => {
             let (mut term, mut lang) = (None, None);
             for w in words {
@@ -377,6 +560,10 @@ fn parse(line: &str) -> Result<Request, String> {
 }
 
 impl Conn {
+    fn holds(&self) -> bool {
+        matches!(self.login, Login::In)
+    }
+
     /// Reads what is there (bytes and descriptors); `Ok(false)` once the peer has closed.
     fn receive(&mut self) -> Result<bool, String> {
         loop {
@@ -452,6 +639,9 @@ mod tests {
             Ok(Request::Chat { term: "xterm".into(), lang: "C.UTF-8".into() })
         );
         assert_eq!(parse("winch"), Ok(Request::Winch));
+        assert_eq!(parse("code 123456"), Ok(Request::Code("123456".into())));
+        assert_eq!(parse("totp-new"), Ok(Request::TotpNew));
+        assert_eq!(parse("totp-confirm 123456"), Ok(Request::TotpConfirm("123456".into())));
         for bad in [
             "",
             "hello x",
@@ -462,6 +652,10 @@ mod tests {
             "chat TERM=$(id) LANG=C",
             "chat TERM=xterm LANG=../../x",
             "winch 1",
+            "code",
+            "code 1 2",
+            "totp-new x",
+            "totp-confirm",
             "id",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
@@ -519,6 +713,109 @@ mod tests {
         let mut more = String::new();
         r.read_line(&mut more).unwrap();
         assert_eq!(more, "ok\n");
+    }
+
+    /// A session socket whose logins have second factors, for our own uid (`alice`).
+    fn with_totp(dir: &Path, require_totp: bool) -> Sessions {
+        let passwd = dir.join("passwd");
+        let uid = nix::unistd::getuid().as_raw();
+        std::fs::write(&passwd, format!("alice:x:{uid}:{uid}::/home/alice:/bin/sh\n")).unwrap();
+        let ctx = ChatContext {
+            passwd,
+            totp: Some(totp::Store::new(dir.join("totp"))),
+            require_totp,
+            ..ChatContext::default()
+        };
+        let gid = nix::unistd::getegid().as_raw();
+        Sessions::open(&dir.join("sessions"), gid, ctx).unwrap()
+    }
+
+    fn ask(c: &UnixStream, s: &mut Sessions, line: &str) -> String {
+        // A closed connection: nothing to say, and no answer.
+        let _ = (&*c).write_all(format!("{line}\n").as_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+        s.serve(&mut |_: &str| {});
+        c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut answer = String::new();
+        let _ = BufReader::new(c).read_line(&mut answer);
+        answer.trim_end().to_string()
+    }
+
+    /// The code an authenticator app shows for the secret in `uri` at `at`.
+    fn app_code(uri: &str, at: u64) -> String {
+        let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap();
+        let bytes = data_encoding::BASE32_NOPAD.decode(secret.as_bytes()).unwrap();
+        let bytes: [u8; 20] = bytes.try_into().unwrap();
+        let app = totp_rs::Builder::new().with_secret(bytes).build().unwrap();
+        app.generate(at).to_string()
+    }
+
+    /// Enrolment needs a code of the offered secret; from then on `hello` asks for a code and
+    /// the session is held only after one passes; a used code and a stale one fail.
+    #[test]
+    fn a_second_factor_is_enrolled_then_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = with_totp(dir.path(), false);
+        let socket = dir.path().join("sessions/socket");
+        let first = UnixStream::connect(&socket).unwrap();
+        assert_eq!(ask(&first, &mut s, "hello"), "ok");
+        assert_eq!(ask(&first, &mut s, "totp-confirm 123456"), "error ask for a new secret first");
+        let offer = ask(&first, &mut s, "totp-new");
+        let uri = offer.strip_prefix("secret ").unwrap().to_string();
+        assert!(uri.starts_with("otpauth://totp/Cloister:alice?secret="), "{uri}");
+        let now = totp::now();
+        let stale = app_code(&uri, now - 3600);
+        assert_eq!(ask(&first, &mut s, &format!("totp-confirm {stale}")), "error wrong code");
+        let code = app_code(&uri, now);
+        assert_eq!(ask(&first, &mut s, &format!("totp-confirm {code}")), "ok");
+        drop(first);
+
+        let second = UnixStream::connect(&socket).unwrap();
+        assert_eq!(ask(&second, &mut s, "hello"), "code");
+        assert!(s.logged_in().is_empty(), "a session is held before its code");
+        assert_eq!(ask(&second, &mut s, "passwd"), "");
+        assert_eq!(ask(&second, &mut s, "a\nb"), "error say hello first");
+        assert_eq!(
+            ask(&second, &mut s, &format!("code {code}")),
+            "error that code was used already; wait for the next one"
+        );
+        let next = app_code(&uri, now + 30);
+        assert_eq!(ask(&second, &mut s, &format!("code {next}")), "ok");
+        assert_eq!(s.logged_in(), vec![nix::unistd::getuid().as_raw()]);
+
+        let third = UnixStream::connect(&socket).unwrap();
+        assert_eq!(ask(&third, &mut s, "hello"), "busy");
+        drop(second);
+        std::thread::sleep(Duration::from_millis(20));
+        s.serve(&mut |_: &str| {});
+        assert_eq!(ask(&third, &mut s, "hello"), "code");
+        assert_eq!(ask(&third, &mut s, &format!("code {stale}")), "error wrong code");
+        assert_eq!(ask(&third, &mut s, "code 12345x"), "error wrong code");
+        assert_eq!(ask(&third, &mut s, &format!("code {stale}")), "error too many wrong codes");
+        // Closed: the next request gets no answer at all.
+        assert_eq!(ask(&third, &mut s, &format!("code {}", app_code(&uri, now + 60))), "");
+        assert!(s.logged_in().is_empty());
+    }
+
+    /// With the policy on, an account without a second factor gets `enrol` and no session until
+    /// it has one.
+    #[test]
+    fn the_policy_makes_a_login_enrol_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = with_totp(dir.path(), true);
+        let c = UnixStream::connect(dir.path().join("sessions/socket")).unwrap();
+        assert_eq!(ask(&c, &mut s, "hello"), "enrol");
+        assert_eq!(
+            ask(&c, &mut s, "chat TERM=xterm LANG=C.UTF-8"),
+            "error the chat client is not available on this build"
+        );
+        assert_eq!(ask(&c, &mut s, "code 123456"), "error no code was asked for");
+        assert!(s.logged_in().is_empty());
+        let uri = ask(&c, &mut s, "totp-new").strip_prefix("secret ").unwrap().to_string();
+        assert_eq!(ask(&c, &mut s, &format!("totp-confirm {}", app_code(&uri, totp::now()))), "ok");
+        assert_eq!(s.logged_in().len(), 1);
+        let stored = std::fs::read_to_string(dir.path().join("totp").join(nix::unistd::getuid().to_string()));
+        assert!(stored.unwrap().starts_with("secret "));
     }
 
     #[test]

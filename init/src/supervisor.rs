@@ -161,6 +161,8 @@ impl<'a> Supervisor<'a> {
                 netns: sup.chat_netns.clone(),
                 new_root: run_dir.join("root"),
                 hostname: sup.plan.hostname.clone(),
+                totp: Some(crate::totp::Store::new(cloister_plan::accounts::TOTP_DIR)),
+                require_totp: chat.require_totp,
             };
             match Sessions::open(&run_dir.join("sessions"), chat.gid, context) {
                 Ok(s) => sup.sessions = Some(s),
@@ -369,7 +371,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn show_qr(&mut self, text: &str) {
-        for line in crate::qr::lines(text) {
+        for line in cloister_qr::lines(text) {
             self.note(&line);
         }
     }
@@ -738,7 +740,7 @@ impl<'a> Supervisor<'a> {
     /// What users check before they connect, as text and as QR code lines.
     fn identity(&self) -> serde_json::Value {
         let with_qr =
-            |text: &Option<String>| text.as_ref().map(|t| json!({ "text": t, "qr": crate::qr::lines(t) }));
+            |text: &Option<String>| text.as_ref().map(|t| json!({ "text": t, "qr": cloister_qr::lines(t) }));
         json!({
             "ok": true,
             "onion_address": with_qr(&self.onion),
@@ -861,6 +863,7 @@ fn describe(change: &Change) -> String {
         Change::UserRemove { name } => format!("user remove {name}"),
         Change::UserLock { name } => format!("user lock {name}"),
         Change::UserUnlock { name } => format!("user unlock {name}"),
+        Change::UserResetTotp { name } => format!("user reset-totp {name}"),
         Change::UserExpire { name, day } => {
             let when = day.map_or("never".into(), cloister_plan::accounts::format_date);
             format!("user expire {name} {when}")

@@ -1,4 +1,4 @@
-//! Reads a QR code the appliance drew with half blocks (`init/src/qr.rs`: light modules drawn,
+//! Reads a QR code the appliance drew with half blocks (`init/qr`: light modules drawn,
 //! dark ones blank) back into its text, with `rqrr`, as a phone would from the screen.
 
 /// The QR code drawn right after the first line holding `marker` in `console`: the lines with

@@ -190,6 +190,7 @@ fn chat_namespace_firewall_keeps_users_on_the_gateway() -> Result<()> {
             chat_gid: CHAT_GID,
         }),
         accounts: None,
+        require_totp: false,
     };
     let s = plan_file_with(Some(chat))?;
     let ns = netns("chat")?;

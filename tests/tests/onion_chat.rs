@@ -19,6 +19,8 @@ use cloister_tests::*;
 
 #[path = "onion_chat/admin.rs"]
 mod admin;
+#[path = "onion_chat/totp.rs"]
+mod totp;
 
 const TAP: &str = "ctap-onion";
 const TO_UNLOCK: Duration = Duration::from_secs(240);
@@ -208,6 +210,9 @@ fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
         admin::admin_manages_chat_users(ssh)
     })?;
     timed("the admin CLI refuses bad input; chat users get no admin CLI", || admin::admin_refusals(ssh))?;
+    timed("two-factor login: enrol by QR code, wrong/expired/reused codes fail, reset", || {
+        totp::two_factor_login(ssh)
+    })?;
     timed("a second login of the same user is refused while the first is open", || {
         let mut first = ssh.spawn_session("bob")?;
         let stdin = first.stdin.as_mut().context("stdin")?;

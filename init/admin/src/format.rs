@@ -24,6 +24,10 @@ pub fn answer(words: &[&str], answer: &Value) -> String {
             )
         }
         ["user", "unlock", ..] => format!("{} unlocked", text(&answer["name"])),
+        ["user", "reset-totp", ..] => match answer["had_totp"].as_bool() {
+            Some(true) => format!("{}: second factor removed", text(&answer["name"])),
+            _ => format!("{} had no second factor", text(&answer["name"])),
+        },
         ["user", "expire", ..] => match answer["expires"].as_str() {
             Some(day) => format!("{} expires after {day}", text(&answer["name"])),
             None => format!("{} never expires", text(&answer["name"])),
@@ -66,14 +70,16 @@ fn accounts(kind: &str, list: &Value) -> String {
     if rows.is_empty() {
         return format!("no {kind} accounts");
     }
-    let mut out = format!("{:<32} {:>5} {:<6} {:<10} {}", "NAME", "UID", "LOCKED", "EXPIRES", "ONLINE");
+    let mut out =
+        format!("{:<32} {:>5} {:<6} {:<10} {:<4} {}", "NAME", "UID", "LOCKED", "EXPIRES", "TOTP", "ONLINE");
     for r in rows {
         out.push_str(&format!(
-            "\n{:<32} {:>5} {:<6} {:<10} {}",
+            "\n{:<32} {:>5} {:<6} {:<10} {:<4} {}",
             text(&r["name"]),
             r["uid"],
             yes_no(&r["locked"]),
             r["expires"].as_str().unwrap_or("never"),
+            yes_no(&r["totp"]),
             yes_no(&r["logged_in"]),
         ));
     }
@@ -127,13 +133,13 @@ mod tests {
     #[test]
     fn lists_are_tables_and_terminal_safe() {
         let list = json!({"ok": true, "accounts": [
-            {"name": "alice", "uid": 2001, "locked": false, "expires": null, "logged_in": true},
+            {"name": "alice", "uid": 2001, "locked": false, "expires": null, "totp": true, "logged_in": true},
             {"name": "b\u{1b}[2J", "uid": 2002, "locked": true, "expires": "2027-01-31", "logged_in": false},
         ]});
         let t = answer(&["user", "list"], &list);
         let rows: Vec<&str> = t.lines().collect();
         assert!(rows[0].starts_with("NAME"), "{t}");
-        assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes"), "{t}");
+        assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes  yes"), "{t}");
         assert!(rows[2].contains("b?[2J") && rows[2].contains("2027-01-31"), "{t}");
         assert_eq!(answer(&["admin", "list"], &json!({"accounts": []})), "no admin accounts");
     }

@@ -30,12 +30,13 @@ commands:
   show                                the onion address and ssh host key, as text and QR codes
   status                              services, network, uptime
   log                                 the newest lines of the appliance's log
-  user list                           chat users, locked, expiry, logged in
+  user list                           chat users, locked, expiry, second factor, logged in
   user add <name>                     add a chat user with a generated password (shown once)
   user add <name> --password          ... with a password you type (twice)
   user remove <name>                  end its sessions at once, remove it and its home
   user lock <name> | unlock <name>    locking also ends its sessions
   user expire <name> <YYYY-MM-DD|never>
+  user reset-totp <name>              drop its second factor (a lost phone)
   admin list
   admin add <name> <ssh-ed25519 key>  an admin who logs in with that key
   admin remove <name>                 never the last one

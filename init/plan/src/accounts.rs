@@ -45,6 +45,8 @@ pub const ADMIN_UIDS: (u32, u32) = (3001, 3999);
 /// The admins' group: sshd lets it in by key only; PID 1's control socket admits it.
 pub const ADMIN_GROUP: &str = "cloister-admin";
 pub const CHAT_GROUP: &str = "chat";
+/// Second factors (TOTP secrets), one file per uid, root's only (`init/src/totp.rs`).
+pub const TOTP_DIR: &str = "/var/lib/cloister/totp";
 /// The control socket's directory: root and the admin group only (0750).
 pub const ADMIN_SOCKET_DIR: &str = "/run/cloister/admin";
 

@@ -65,6 +65,9 @@ pub struct ChatPlan {
     /// Chat and admin accounts, for the admin tools; `None`: accounts are fixed at build time.
     #[serde(default)]
     pub accounts: Option<accounts::AccountsPlan>,
+    /// Chat users without a second factor (TOTP) must enrol one at their next login.
+    #[serde(default)]
+    pub require_totp: bool,
 }
 
 /// Who may connect where inside the `chat` network namespace: only the gateway's uid (and root,

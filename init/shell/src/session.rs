@@ -49,6 +49,12 @@ pub enum Reply {
     Error(String),
     /// `exited <code>`: the chat program ended.
     Exited(i32),
+    /// To `hello`: the account has a second factor; a code must pass first.
+    CodeWanted,
+    /// To `hello`: the account must set up a second factor first.
+    EnrolWanted,
+    /// To `totp-new`: the `otpauth://` URI of a fresh secret.
+    Secret(String),
 }
 
 pub struct Session {
@@ -100,6 +106,17 @@ impl Session {
         self.send("passwd", message.as_bytes())
     }
 
+    /// `code <digits>` (at login) or `totp-confirm <digits>` (enrolling); the caller checked
+    /// that `code` is digits only.
+    pub fn send_code(&mut self, enrolling: bool, code: &str) -> Result<(), SessionError> {
+        let (request, verb) = if enrolling { ("totp-confirm", "totp-confirm") } else { ("code", "code") };
+        self.send(request, format!("{verb} {code}\n").as_bytes())
+    }
+
+    pub fn send_totp_new(&mut self) -> Result<(), SessionError> {
+        self.send("totp-new", b"totp-new\n")
+    }
+
     /// The next reply among the bytes already received, without reading.
     pub fn next_reply(&mut self) -> Option<Result<Reply, SessionError>> {
         self.reader.next_buffered().map(parse_reply)
@@ -130,7 +147,14 @@ fn parse_reply(line: Line) -> Result<Reply, SessionError> {
     match text.as_str() {
         "ok" => return Ok(Reply::Ok),
         "busy" => return Ok(Reply::Busy),
+        "code" => return Ok(Reply::CodeWanted),
+        "enrol" => return Ok(Reply::EnrolWanted),
         _ => {}
+    }
+    if let Some(uri) = text.strip_prefix("secret ") {
+        if uri.starts_with("otpauth://totp/") && uri.bytes().all(|b| b.is_ascii_graphic()) {
+            return Ok(Reply::Secret(uri.to_string()));
+        }
     }
     if let Some(message) = text.strip_prefix("error ") {
         return Ok(Reply::Error(sanitise_text(message)));
@@ -154,11 +178,28 @@ mod tests {
         assert_eq!(parse("error no irssi\there").unwrap(), Reply::Error("no irssi?here".into()));
         assert_eq!(parse("exited 0").unwrap(), Reply::Exited(0));
         assert_eq!(parse("exited -9").unwrap(), Reply::Exited(-9));
+        assert_eq!(parse("code").unwrap(), Reply::CodeWanted);
+        assert_eq!(parse("enrol").unwrap(), Reply::EnrolWanted);
+        assert_eq!(
+            parse("secret otpauth://totp/Cloister:a?secret=AB").unwrap(),
+            Reply::Secret("otpauth://totp/Cloister:a?secret=AB".into())
+        );
     }
 
     #[test]
     fn odd_replies_are_errors() {
-        for odd in ["", "OK", "ok ", "exited", "exited x", "exited 99999999999", "bye"] {
+        for odd in [
+            "",
+            "OK",
+            "ok ",
+            "exited",
+            "exited x",
+            "exited 99999999999",
+            "bye",
+            "secret",
+            "secret https://example.invalid/",
+            "secret otpauth://totp/a b",
+        ] {
             assert!(matches!(parse(odd), Err(SessionError::Unexpected { .. })), "{odd:?}");
         }
         assert!(matches!(parse_reply(Line::Eof), Err(SessionError::Closed)));

@@ -1,5 +1,6 @@
-//! The command loop: prompt, one bounded line, one of `help`, `chat`, `passwd`, `exit`/`quit`; and
-//! how each way of ending the session is reported (message and exit status).
+//! The command loop: prompt, one bounded line, one of `help`, `chat`, `passwd`, `totp`,
+//! `exit`/`quit`; the second factor's code before it when PID 1 asks for one; and how each way
+//! of ending the session is reported (message and exit status).
 
 use std::io::{self, Stdout, Write};
 use std::os::fd::AsFd;
@@ -20,15 +21,22 @@ const HELP: &str = "\
 help    show this list
 chat    open the chat (irssi); leave it with /quit
 passwd  change your password
+totp    turn on two-factor login: every login then asks for a code from an app
 exit    end the session (also quit or Ctrl-D)
 ";
-const COMMANDS: [&str; 5] = ["help", "chat", "passwd", "exit", "quit"];
+const COMMANDS: [&str; 6] = ["help", "chat", "passwd", "totp", "exit", "quit"];
 const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// irssi starts in a fresh sandbox; under emulation that takes a while.
 const CHAT_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Password hashing on the server side is deliberately slow.
 const PASSWD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A code is checked and a secret made at once.
+const CODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Codes a login or an enrolment may try; PID 1 closes a login's connection after as many.
+const CODE_TRIES: usize = 3;
+/// Digits a code has; anything else is refused before it is sent.
+const CODE_DIGITS: usize = 6;
 
 /// What the shell runs with: production always uses the defaults.
 #[derive(Debug, Clone)]
@@ -78,6 +86,10 @@ pub enum End {
     Busy,
     Unavailable,
     Refused(String),
+    /// The second factor's code was wrong too many times.
+    WrongCodes,
+    /// The account must have a second factor and none was set up.
+    NotEnrolled,
 }
 
 impl End {
@@ -91,6 +103,8 @@ impl End {
             End::Busy => "you are already logged in elsewhere",
             End::Unavailable => "the chat service is not available",
             End::Refused(text) => return Some(format!("the chat service refused the session: {text}")),
+            End::WrongCodes => "too many wrong codes",
+            End::NotEnrolled => "this account needs two-factor login; log in again to set it up",
         };
         Some(text.to_string())
     }
@@ -99,7 +113,12 @@ impl End {
         match self {
             End::User | End::Idle | End::Signal(Signal::SIGHUP | Signal::SIGTERM) => 0,
             End::Signal(signal) => 128u8.saturating_add(*signal as u8),
-            End::ServiceClosed | End::Busy | End::Unavailable | End::Refused(_) => 1,
+            End::ServiceClosed
+            | End::Busy
+            | End::Unavailable
+            | End::Refused(_)
+            | End::WrongCodes
+            | End::NotEnrolled => 1,
         }
     }
 }
@@ -133,16 +152,27 @@ fn session(options: Options, out: &mut Output) -> Result<End, ShellError> {
         Err(ShellError::Session(SessionError::NoReply { .. })) => return Ok(End::Unavailable),
         reply => reply?,
     };
-    match reply {
-        Waited::Reply(Reply::Ok) => {}
+    let gate = match reply {
+        Waited::Reply(gate @ (Reply::Ok | Reply::CodeWanted | Reply::EnrolWanted)) => gate,
         Waited::Reply(Reply::Busy) => return Ok(End::Busy),
         Waited::Reply(Reply::Error(text)) => return Ok(End::Refused(text)),
         Waited::Reply(reply) => return Err(ShellError::UnexpectedReply { request: "hello", reply }),
         Waited::End(End::ServiceClosed) => return Ok(End::Unavailable),
         Waited::End(end) => return Ok(end),
-    }
+    };
     let input = LineReader::new(TerminalReader, MAX_TERMINAL_LINE);
     let mut shell = Shell { events, session, input, out, options, last_input: Instant::now() };
+    let refused = match gate {
+        Reply::CodeWanted => shell.login_code()?,
+        Reply::EnrolWanted => {
+            shell.out.say("this account needs two-factor login: set it up now")?;
+            shell.enrol(true)?
+        }
+        _ => None,
+    };
+    if let Some(end) = refused {
+        return Ok(end);
+    }
     shell.out.say("type help for the commands")?;
     shell.command_loop()
 }
@@ -236,6 +266,16 @@ enum Secret {
     End(End),
 }
 
+/// A second-factor code as typed.
+enum Code {
+    Digits(String),
+    /// An empty line.
+    Empty,
+    /// Not a code (said so already).
+    Malformed,
+    End(End),
+}
+
 struct Shell<'out> {
     events: Events,
     session: Session,
@@ -279,6 +319,7 @@ impl Shell<'_> {
             "help" => self.out.write(HELP).map(|()| None),
             "chat" => self.chat(),
             "passwd" => self.passwd(),
+            "totp" => self.enrol(false),
             "exit" | "quit" => Ok(Some(End::User)),
             other => {
                 self.out.say(&format!("unknown command: {}; type help", sanitise_word(other)))?;
@@ -375,6 +416,108 @@ impl Shell<'_> {
             }
             Waited::Reply(reply) => Err(ShellError::UnexpectedReply { request: "passwd", reply }),
         }
+    }
+
+    /// The login's second factor: up to [`CODE_TRIES`] codes; `None` once one passed.
+    fn login_code(&mut self) -> Result<Option<End>, ShellError> {
+        for _ in 0..CODE_TRIES {
+            let code = match self.read_code("verification code: ")? {
+                Code::Digits(code) => code,
+                Code::Empty | Code::Malformed => continue,
+                Code::End(end) => return Ok(Some(end)),
+            };
+            if self.session.send_code(false, &code).is_err() {
+                return Ok(Some(End::ServiceClosed));
+            }
+            match wait_reply(&self.events, &mut self.session, "code", Some(CODE_TIMEOUT))? {
+                Waited::End(end) => return Ok(Some(end)),
+                Waited::Reply(Reply::Ok) => return Ok(None),
+                Waited::Reply(Reply::Busy) => return Ok(Some(End::Busy)),
+                Waited::Reply(Reply::Error(text)) if text == "too many wrong codes" => break,
+                Waited::Reply(Reply::Error(text)) => self.out.say(&text)?,
+                Waited::Reply(reply) => return Err(ShellError::UnexpectedReply { request: "code", reply }),
+            }
+        }
+        Ok(Some(End::WrongCodes))
+    }
+
+    /// `totp`: a fresh secret from PID 1, shown as a QR code and as text; it takes effect once
+    /// a code of it is typed back. `required`: the login waits on it, and ends without one.
+    fn enrol(&mut self, required: bool) -> Result<Option<End>, ShellError> {
+        let not_enrolled = if required { Some(End::NotEnrolled) } else { None };
+        if self.session.send_totp_new().is_err() {
+            return Ok(Some(End::ServiceClosed));
+        }
+        let uri = match wait_reply(&self.events, &mut self.session, "totp-new", Some(CODE_TIMEOUT))? {
+            Waited::End(end) => return Ok(Some(end)),
+            Waited::Reply(Reply::Secret(uri)) => Zeroizing::new(uri),
+            Waited::Reply(Reply::Error(text)) => {
+                self.out.say(&format!("two-factor login cannot be set up: {text}"))?;
+                return Ok(not_enrolled);
+            }
+            Waited::Reply(reply) => return Err(ShellError::UnexpectedReply { request: "totp-new", reply }),
+        };
+        self.show_secret(&uri)?;
+        for _ in 0..CODE_TRIES {
+            let code = match self.read_code("code from the app (empty line: cancel): ")? {
+                Code::Digits(code) => code,
+                Code::Empty => break,
+                Code::Malformed => continue,
+                Code::End(end) => return Ok(Some(end)),
+            };
+            if self.session.send_code(true, &code).is_err() {
+                return Ok(Some(End::ServiceClosed));
+            }
+            match wait_reply(&self.events, &mut self.session, "totp-confirm", Some(CODE_TIMEOUT))? {
+                Waited::End(end) => return Ok(Some(end)),
+                Waited::Reply(Reply::Ok) => {
+                    self.out.say("two-factor login is on: every login asks for a code from the app")?;
+                    return Ok(None);
+                }
+                Waited::Reply(Reply::Busy) => return Ok(Some(End::Busy)),
+                Waited::Reply(Reply::Error(text)) => self.out.say(&text)?,
+                Waited::Reply(reply) => {
+                    return Err(ShellError::UnexpectedReply { request: "totp-confirm", reply })
+                }
+            }
+        }
+        self.out.say("two-factor login not changed")?;
+        Ok(not_enrolled)
+    }
+
+    /// The secret as a QR code for the app, and as grouped text for typing it in by hand.
+    fn show_secret(&mut self, uri: &str) -> Result<(), ShellError> {
+        let key = uri.split("secret=").nth(1).and_then(|rest| rest.split('&').next()).unwrap_or("");
+        let grouped: Vec<String> =
+            key.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        let mut text = Zeroizing::new(String::from("scan this QR code with your authenticator app:\n"));
+        for line in cloister_qr::lines(uri) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text.push_str(&format!("or type this key into it: {}\n", grouped.join(" ")));
+        self.out.write(&text)
+    }
+
+    /// One code from the terminal: spaces are dropped (apps show `123 456`); anything but
+    /// [`CODE_DIGITS`] digits is refused here and never sent.
+    fn read_code(&mut self, prompt: &str) -> Result<Code, ShellError> {
+        self.out.prompt(prompt)?;
+        let typed = match self.next_input()? {
+            Input::End(end) => return Ok(Code::End(end)),
+            Input::Line(Line::Eof) => return Ok(Code::End(End::User)),
+            Input::Line(Line::Text(text)) => text,
+            Input::Line(Line::TooLong | Line::Invalid) => String::from("x"),
+        };
+        let code: String = typed.chars().filter(|c| *c != ' ').collect();
+        if code.is_empty() {
+            return Ok(Code::Empty);
+        }
+        if code.len() != CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+            self.out.say(&format!("a code is the {CODE_DIGITS} digits the app shows"))?;
+            return Ok(Code::Malformed);
+        }
+        Ok(Code::Digits(code))
     }
 
     fn read_secret(&mut self, prompt: &str) -> Result<Secret, ShellError> {

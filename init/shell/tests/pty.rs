@@ -552,3 +552,105 @@ fn service_refusing_hello_is_reported() {
     term.expect("the chat service refused the session: not a chat user");
     assert_eq!(wait_exit(&mut child).code(), Some(1));
 }
+
+/// PID 1 wants a code: the shell asks before anything else, refuses what is not six digits
+/// without sending it, shows PID 1's verdicts, and gets its prompt only once a code passed.
+#[test]
+fn a_login_code_comes_before_the_prompt() {
+    let (fake, result) = fake(|mut s| {
+        assert_eq!(read_line(&mut s).as_deref(), Some("hello"));
+        s.write_all(b"code\n").unwrap();
+        let mut got = vec![read_line(&mut s).unwrap()];
+        s.write_all(b"error wrong code\n").unwrap();
+        got.push(read_line(&mut s).unwrap());
+        s.write_all(b"ok\n").unwrap();
+        got.extend(lines_until_close(&mut s));
+        got
+    });
+    let (mut child, mut term) = spawn_shell(&socket_args(&fake.path));
+    term.expect("verification code: ");
+    term.send(b"12345x\n");
+    term.expect("a code is the 6 digits the app shows");
+    term.expect("verification code: ");
+    term.send(b"111111\n");
+    term.expect("wrong code");
+    term.expect("verification code: ");
+    term.send(b"222 222\n");
+    term.expect("type help for the commands");
+    term.send(b"exit\n");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(result.recv_timeout(WAIT).unwrap(), ["code 111111", "code 222222"]);
+}
+
+/// Three wrong codes end the login, with PID 1's last word.
+#[test]
+fn wrong_codes_end_the_login() {
+    let (fake, _result) = fake(|mut s| {
+        assert_eq!(read_line(&mut s).as_deref(), Some("hello"));
+        s.write_all(b"code\n").unwrap();
+        for answer in [&b"error wrong code\n"[..], b"error wrong code\n", b"error too many wrong codes\n"] {
+            read_line(&mut s).unwrap();
+            s.write_all(answer).unwrap();
+        }
+        lines_until_close(&mut s)
+    });
+    let (mut child, mut term) = spawn_shell(&socket_args(&fake.path));
+    for _ in 0..3 {
+        term.expect("verification code: ");
+        term.send(b"123456\n");
+    }
+    term.expect("too many wrong codes");
+    assert_eq!(wait_exit(&mut child).code(), Some(1));
+    assert!(!term.all_output().contains("chat> "));
+}
+
+/// `enrol`: the login shows the secret as a QR code and as text, and goes on once a code of it
+/// passed; an empty line instead cancels, and a required enrolment then ends the login.
+#[test]
+fn a_required_enrolment_shows_the_secret_and_waits_for_a_code() {
+    const URI: &str = "otpauth://totp/Cloister:alice?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+    let (server, result) = fake(|mut s| {
+        assert_eq!(read_line(&mut s).as_deref(), Some("hello"));
+        s.write_all(b"enrol\n").unwrap();
+        let mut got = vec![read_line(&mut s).unwrap()];
+        s.write_all(format!("secret {URI}\n").as_bytes()).unwrap();
+        got.push(read_line(&mut s).unwrap());
+        s.write_all(b"ok\n").unwrap();
+        got.extend(lines_until_close(&mut s));
+        got
+    });
+    let (mut child, mut term) = spawn_shell(&socket_args(&server.path));
+    term.expect("this account needs two-factor login: set it up now");
+    let shown = term.expect("code from the app (empty line: cancel): ");
+    assert!(shown.contains("or type this key into it: GEZD GNBV GY3T QOJQ GEZD GNBV GY3T QOJQ"), "{shown}");
+    let blocks = shown.lines().filter(|l| l.contains('\u{2588}')).count();
+    assert!(blocks >= 20, "no QR code drawn:\n{shown}");
+    term.send(b"654321\n");
+    term.expect("two-factor login is on");
+    term.expect("chat> ");
+    term.send(b"exit\n");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert_eq!(result.recv_timeout(WAIT).unwrap(), ["totp-new", "totp-confirm 654321"]);
+    drop(server);
+
+    let (cancelled, _result) = fake(|mut s| {
+        assert_eq!(read_line(&mut s).as_deref(), Some("hello"));
+        s.write_all(b"enrol\n").unwrap();
+        read_line(&mut s).unwrap();
+        s.write_all(format!("secret {URI}\n").as_bytes()).unwrap();
+        lines_until_close(&mut s)
+    });
+    let (mut child, mut term) = spawn_shell(&socket_args(&cancelled.path));
+    term.expect("code from the app (empty line: cancel): ");
+    term.send(b"\n");
+    term.expect("two-factor login not changed");
+    term.expect("this account needs two-factor login; log in again to set it up");
+    assert_eq!(wait_exit(&mut child).code(), Some(1));
+    assert!(!term.all_output().contains("chat> "));
+}
+
+/// The shell on a terminal, before its prompt.
+fn spawn_shell(args: &[String]) -> (Child, Term) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(&args, &GOOD_ENV)
+}

@@ -82,6 +82,7 @@ fn chat_plan(config: &Config, acc: &Accounts, tree: &Tree) -> Result<Option<cloi
         client,
         firewall: chat_firewall(config, acc, gid),
         accounts: Some(crate::chat::accounts_plan()),
+        require_totp: config.chat.require_totp,
     }))
 }
 

@@ -1,5 +1,6 @@
-//! QR codes drawn with text, for the console and the admin CLI: users check the onion address
-//! and sshd's host key fingerprint by scanning them, with no outside service involved.
+//! QR codes drawn with text, for the console, the admin CLI and the restricted shell: users check
+//! the onion address and sshd's host key fingerprint by scanning them, and enrol a TOTP secret,
+//! with no outside service involved.
 //! Two modules per character cell (upper and lower half blocks). Light modules are the drawn
 //! ones, as qrencode's UTF8 mode does: consoles are light text on a dark background, and a
 //! code must be dark on light to scan.
