@@ -65,6 +65,9 @@ pub enum Change {
     AdminRemove {
         name: String,
     },
+    AdminResetTotp {
+        name: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -125,11 +128,8 @@ impl Db<'_> {
             Change::UserLock { name } => self.set_locked(name, true),
             Change::UserUnlock { name } => self.set_locked(name, false),
             Change::UserExpire { name, day } => self.set_expiry(name, *day),
-            Change::UserResetTotp { name } => {
-                let entry = self.find(chat, name)?;
-                let dropped = self.totp.remove(entry.uid).map_err(Database)?;
-                Ok(json!({ "name": name, "had_totp": dropped }))
-            }
+            Change::UserResetTotp { name } => self.reset_totp(chat, name),
+            Change::AdminResetTotp { name } => self.reset_totp(admin, name),
             Change::AdminAdd { name, key } => self.add_admin(name, key),
         }
     }
@@ -271,6 +271,12 @@ impl Db<'_> {
         remove_if_there(&self.client_configs.join(format!("irssi-{}.conf", entry.uid)))?;
         self.totp.remove(entry.uid).map_err(Database)?;
         Ok(json!({ "name": name, "uid": entry.uid, "processes_killed": killed }))
+    }
+
+    fn reset_totp(&self, kind: &AccountKind, name: &str) -> Result<Value, AccountError> {
+        let entry = self.find(kind, name)?;
+        let dropped = self.totp.remove(entry.uid).map_err(Database)?;
+        Ok(json!({ "name": name, "had_totp": dropped }))
     }
 
     /// Locking also ends the user's sessions: a locked account chats no more.

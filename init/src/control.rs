@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::accounts::Change;
+use crate::admin_totp::TotpRequest;
 
 /// Longest request accepted; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 1024;
@@ -29,6 +30,8 @@ pub enum Request {
     Account(Change),
     /// The onion address and sshd's host key fingerprint, with their QR codes.
     Identity,
+    /// The caller's second factor: the only requests an enrolled admin may send before a code.
+    Totp(TotpRequest),
 }
 
 impl Request {
@@ -53,6 +56,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         ["restart", name] => Request::Restart(name.to_string()),
         ["user", ..] => Request::Account(parse_user(&words[1..])?),
         ["admin", ..] => Request::Account(parse_admin(&words[1..])?),
+        ["totp", ..] => Request::Totp(parse_totp(&words[1..])?),
         [cmd, ..] if ["status", "log", "poweroff", "reboot", "restart", "identity"].contains(&cmd) => {
             return Err(format!("wrong number of words for {cmd}"))
         }
@@ -85,15 +89,31 @@ fn parse_user(words: &[&str]) -> Result<Change, String> {
     })
 }
 
-/// `admin list | add <name> <ssh public key> | remove <name>`
+/// `totp status | code <digits> | enrol | confirm <digits>`
+fn parse_totp(words: &[&str]) -> Result<TotpRequest, String> {
+    Ok(match words {
+        ["status"] => TotpRequest::Status,
+        ["code", code] => TotpRequest::Code(code.to_string()),
+        ["enrol"] => TotpRequest::Enrol,
+        ["confirm", code] => TotpRequest::Confirm(code.to_string()),
+        _ => return Err("totp takes: status | code <digits> | enrol | confirm <digits>".into()),
+    })
+}
+
+/// `admin list | add <name> <ssh public key> | remove <name> | reset-totp <name>`
 fn parse_admin(words: &[&str]) -> Result<Change, String> {
     Ok(match words {
         ["list"] => Change::AdminList,
+        ["reset-totp", n] => Change::AdminResetTotp { name: n.to_string() },
         ["add", n, key @ ..] if !key.is_empty() => {
             Change::AdminAdd { name: n.to_string(), key: key.join(" ") }
         }
         ["remove", n] => Change::AdminRemove { name: n.to_string() },
-        _ => return Err("admin takes: list | add <name> <ssh public key> | remove <name>".into()),
+        _ => {
+            return Err(
+                "admin takes: list | add <name> <ssh public key> | remove <name> | reset-totp <name>".into()
+            )
+        }
     })
 }
 
@@ -109,6 +129,8 @@ pub struct Client {
     pub stream: UnixStream,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// The peer's pid in PID 1's namespace, for the admins' second factor.
+    pub pid: Option<i32>,
     /// May hold a secret line: wiped when the client goes.
     buf: Zeroizing<Vec<u8>>,
     deadline: Instant,
@@ -128,11 +150,12 @@ pub enum Progress {
 }
 
 impl Client {
-    pub fn new(stream: UnixStream, uid: Option<u32>, gid: Option<u32>) -> Self {
+    pub fn new(stream: UnixStream, uid: Option<u32>, gid: Option<u32>, pid: Option<i32>) -> Self {
         Self {
             stream,
             uid,
             gid,
+            pid,
             buf: Zeroizing::new(Vec::new()),
             deadline: Instant::now() + CLIENT_DEADLINE,
             awaiting_secret: None,
@@ -186,6 +209,14 @@ mod tests {
         assert_eq!(parse(b"poweroff"), Ok(Request::PowerOff));
         assert_eq!(parse(b"reboot"), Ok(Request::Reboot));
         assert_eq!(parse(b"identity"), Ok(Request::Identity));
+        assert_eq!(parse(b"totp status"), Ok(Request::Totp(TotpRequest::Status)));
+        assert_eq!(parse(b"totp code 123456"), Ok(Request::Totp(TotpRequest::Code("123456".into()))));
+        assert_eq!(parse(b"totp enrol"), Ok(Request::Totp(TotpRequest::Enrol)));
+        assert_eq!(parse(b"totp confirm 1"), Ok(Request::Totp(TotpRequest::Confirm("1".into()))));
+        assert_eq!(
+            parse(b"admin reset-totp ops"),
+            Ok(Request::Account(Change::AdminResetTotp { name: "ops".into() }))
+        );
         assert_eq!(parse(b"user list"), Ok(Request::Account(Change::UserList)));
         let add = parse(b"user add carol --password").unwrap();
         assert_eq!(add, Request::Account(Change::UserAdd { name: "carol".into(), chosen: true }));
@@ -224,6 +255,10 @@ mod tests {
             b"user expire carol 2027-02-30",
             b"user expire carol",
             b"admin add eve",
+            b"totp",
+            b"totp code",
+            b"totp code 1 2",
+            b"totp off",
             b"user add \x1b[2Jcarol",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
@@ -236,7 +271,7 @@ mod tests {
     fn client_gets_a_line_and_refuses_floods() {
         let (mut a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0), Some(0));
+        let mut c = Client::new(b, Some(0), Some(0), None);
         assert_eq!(c.read(), Progress::Pending);
         a.write_all(b"stat").unwrap();
         assert_eq!(c.read(), Progress::Pending);
@@ -248,13 +283,13 @@ mod tests {
 
         let (mut a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0), Some(0));
+        let mut c = Client::new(b, Some(0), Some(0), None);
         a.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
         assert!(matches!(c.read(), Progress::Drop(Some(_))));
 
         let (a, b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut c = Client::new(b, Some(0), Some(0));
+        let mut c = Client::new(b, Some(0), Some(0), None);
         drop(a);
         assert_eq!(c.read(), Progress::Drop(None));
     }

@@ -29,6 +29,7 @@ use cloister_plan::{NetNs, Plan, Service};
 use cloister_proto::{marker, service_event};
 
 use crate::accounts::Change;
+use crate::admin_totp::{Gate as AdminTotp, TotpRequest};
 use crate::control::{self, Client, Progress, Request};
 use crate::input;
 use crate::sandbox::{self, Launch};
@@ -111,6 +112,8 @@ pub struct Supervisor<'a> {
     host_key: Option<String>,
     /// The restricted shells' session socket, when the plan has chat users.
     sessions: Option<Sessions>,
+    /// Admins' second factor on the control socket.
+    admin_totp: AdminTotp,
 }
 
 impl<'a> Supervisor<'a> {
@@ -136,6 +139,7 @@ impl<'a> Supervisor<'a> {
             onion: None,
             host_key: None,
             sessions: None,
+            admin_totp: AdminTotp::new(crate::totp::Store::new(cloister_plan::accounts::TOTP_DIR)),
         };
         if let Err(e) = std::fs::create_dir_all(run_dir.join("root")) {
             sup.note(&format!("cloister: {}: {e}", run_dir.join("root").display()));
@@ -607,7 +611,8 @@ impl<'a> Supervisor<'a> {
                 continue;
             }
             let cred = getsockopt(&stream, PeerCredentials).ok();
-            self.clients.push(Client::new(stream, cred.map(|c| c.uid()), cred.map(|c| c.gid())));
+            let (uid, gid, pid) = (cred.map(|c| c.uid()), cred.map(|c| c.gid()), cred.map(|c| c.pid()));
+            self.clients.push(Client::new(stream, uid, gid, pid));
         }
     }
 
@@ -641,6 +646,25 @@ impl<'a> Supervisor<'a> {
                 return (true, None);
             }
         };
+        let uid = client.uid.unwrap_or(u32::MAX);
+        let process = client.pid.and_then(crate::admin_totp::Process::of);
+        if let Request::Totp(totp) = &request {
+            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+            let name = crate::chatclient::login_name(&passwd, uid);
+            let answer = self.admin_totp.answer(uid, name.as_deref(), process, totp);
+            if let (TotpRequest::Code(_) | TotpRequest::Confirm(_), Some(why)) =
+                (totp, answer["error"].as_str())
+            {
+                self.note(&format!("cloister: control: uid {uid}: second factor: {why}"));
+            }
+            reply(client, &answer);
+            return (true, None);
+        }
+        if let Err(why) = self.admin_totp.admits(uid, process) {
+            self.note(&format!("cloister: control: uid {uid}: refused without its second factor"));
+            reply(client, &json!({"ok": false, "error": why}));
+            return (true, None);
+        }
         if request.wants_secret() {
             client.awaiting_secret = Some(request);
             return (false, None);
@@ -657,6 +681,8 @@ impl<'a> Supervisor<'a> {
             }
             Request::Account(change) => return (self.start_account_change(client, &change, None), None),
             Request::Identity => reply(client, &self.identity()),
+            // Answered above, before the gate.
+            Request::Totp(_) => {}
             Request::PowerOff | Request::Reboot => {
                 reply(client, &json!({"ok": true}));
                 self.note(&format!(
@@ -864,6 +890,7 @@ fn describe(change: &Change) -> String {
         Change::UserLock { name } => format!("user lock {name}"),
         Change::UserUnlock { name } => format!("user unlock {name}"),
         Change::UserResetTotp { name } => format!("user reset-totp {name}"),
+        Change::AdminResetTotp { name } => format!("admin reset-totp {name}"),
         Change::UserExpire { name, day } => {
             let when = day.map_or("never".into(), cloister_plan::accounts::format_date);
             format!("user expire {name} {when}")

@@ -213,6 +213,9 @@ fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
     timed("two-factor login: enrol by QR code, wrong/expired/reused codes fail, reset", || {
         totp::two_factor_login(ssh)
     })?;
+    timed("two-factor login for the admin CLI: enrol, codes from stdin, reset", || {
+        totp::admin_two_factor_login(ssh)
+    })?;
     timed("a second login of the same user is refused while the first is open", || {
         let mut first = ssh.spawn_session("bob")?;
         let stdin = first.stdin.as_mut().context("stdin")?;

@@ -24,7 +24,7 @@ pub fn answer(words: &[&str], answer: &Value) -> String {
             )
         }
         ["user", "unlock", ..] => format!("{} unlocked", text(&answer["name"])),
-        ["user", "reset-totp", ..] => match answer["had_totp"].as_bool() {
+        ["user" | "admin", "reset-totp", ..] => match answer["had_totp"].as_bool() {
             Some(true) => format!("{}: second factor removed", text(&answer["name"])),
             _ => format!("{} had no second factor", text(&answer["name"])),
         },
@@ -52,6 +52,17 @@ pub fn identity(answer: &Value) -> String {
         }
         out.extend(answer[key]["qr"].as_array().into_iter().flatten().map(text));
     }
+    out.join("\n")
+}
+
+/// A TOTP secret offered for enrolment: its QR code, then its key grouped for typing.
+pub fn secret(offer: &Value) -> String {
+    let uri = offer["uri"].as_str().unwrap_or("");
+    let key = uri.split("secret=").nth(1).and_then(|rest| rest.split('&').next()).unwrap_or("");
+    let grouped: Vec<&str> = key.as_bytes().chunks(4).filter_map(|c| std::str::from_utf8(c).ok()).collect();
+    let mut out = vec!["scan this QR code with your authenticator app:".to_string()];
+    out.extend(offer["qr"].as_array().into_iter().flatten().map(text));
+    out.push(format!("or type this key into it: {}", text(&Value::String(grouped.join(" ")))));
     out.join("\n")
 }
 
@@ -142,6 +153,17 @@ mod tests {
         assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes  yes"), "{t}");
         assert!(rows[2].contains("b?[2J") && rows[2].contains("2027-01-31"), "{t}");
         assert_eq!(answer(&["admin", "list"], &json!({"accounts": []})), "no admin accounts");
+    }
+
+    #[test]
+    fn a_secret_is_its_qr_code_then_its_key_in_groups() {
+        let offer = json!({"ok": true, "uri": "otpauth://totp/Cloister:ops?secret=GEZDGNBVGY3TQOJQGE",
+                           "qr": ["\u{2588}\u{2580}", "\u{1b}[2J"]});
+        assert_eq!(
+            secret(&offer),
+            "scan this QR code with your authenticator app:\n\u{2588}\u{2580}\n?[2J\n\
+             or type this key into it: GEZD GNBV GY3T QOJQ GE"
+        );
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! are words; nothing is ever handed to a shell, and no process is started. Exit status in
 //! command mode: 0 done, 1 refused or failed, 2 usage.
 //!
+//! An admin with two-factor login (`totp enrol`) is asked for a code first, in both modes: on
+//! the terminal (3 tries), or as the first line of stdin when there is none
+//! (`echo 123456 | ssh ops@<x>.onion user list`). PID 1 keeps the pass for this process only.
+//!
 //! Test-only option, only as the first arguments: `--control-socket PATH` (sshd passes a user's
 //! command only after `-c`, so a user cannot inject it).
 #![forbid(unsafe_code)]
 
 mod format;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +44,8 @@ commands:
   admin list
   admin add <name> <ssh-ed25519 key>  an admin who logs in with that key
   admin remove <name>                 never the last one
+  admin reset-totp <name>             drop an admin's second factor
+  totp enrol                          two-factor login for your account: scan, type a code back
   restart <service>
   poweroff | reboot
   help | exit";
@@ -51,7 +57,14 @@ fn main() {
         socket = PathBuf::from(args.remove(1));
         args.remove(0);
     }
-    let code = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if matches!(args[..], [] | ["-c", _]) {
+        if let Err(e) = second_factor(&socket) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+    let code = match args[..] {
         [] => interactive(&socket),
         ["-c", command] => match run(&socket, command) {
             Ok(text) => {
@@ -69,6 +82,74 @@ fn main() {
         }
     };
     std::process::exit(code)
+}
+
+/// Digits of a TOTP code; anything else is refused here and never sent.
+const CODE_DIGITS: usize = 6;
+const CODE_TRIES: usize = 3;
+
+/// When this admin has two-factor login and this process has not passed it: a code from the
+/// terminal (up to three) or from the first line of stdin.
+fn second_factor(socket: &Path) -> Result<(), String> {
+    // A PID 1 that cannot say leaves the decision to each request's own refusal.
+    let Ok(status) = request(socket, "totp status", None) else { return Ok(()) };
+    if status["enrolled"] != Value::Bool(true) || status["passed"] == Value::Bool(true) {
+        return Ok(());
+    }
+    let tries = if std::io::stdin().is_terminal() { CODE_TRIES } else { 1 };
+    for _ in 0..tries {
+        let code = match read_code("verification code: ") {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{e}");
+                continue;
+            }
+        };
+        match request(socket, &format!("totp code {code}"), None) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.starts_with("too many") => return Err(e),
+            Err(e) => eprintln!("{e}"),
+        }
+    }
+    Err("no valid code; log in again".into())
+}
+
+/// One code: prompted on the terminal (on stderr: stdout is the command's), or the next line
+/// of stdin. Spaces are dropped, as apps show `123 456`.
+fn read_code(prompt: &str) -> Result<String, String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+    }
+    let line = read_bounded_line(&mut stdin.lock())?.ok_or("no code given")?;
+    let code: String = line.chars().filter(|c| *c != ' ').collect();
+    if code.len() != CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("a code is the {CODE_DIGITS} digits the app shows"));
+    }
+    Ok(code)
+}
+
+/// `totp enrol`: a fresh secret as a QR code and as text; it counts once a code of it is
+/// typed back.
+fn enrol(socket: &Path) -> Result<String, String> {
+    let offer = request(socket, "totp enrol", None)?;
+    println!("{}", format::secret(&offer));
+    let tries = if std::io::stdin().is_terminal() { CODE_TRIES } else { 1 };
+    for _ in 0..tries {
+        let code = match read_code("code from the app: ") {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{e}");
+                continue;
+            }
+        };
+        match request(socket, &format!("totp confirm {code}"), None) {
+            Ok(_) => return Ok("two-factor login is on: every login asks for a code from the app".into()),
+            Err(e) => eprintln!("{e}"),
+        }
+    }
+    Err("two-factor login not changed".into())
 }
 
 /// The prompt loop; a refused command is reported and the loop goes on.
@@ -148,6 +229,7 @@ fn run(socket: &Path, line: &str) -> Result<String, String> {
             Ok(format::added(&answer))
         }
         ["show"] => Ok(format::identity(&request(socket, "identity", None)?)),
+        ["totp", "enrol"] => enrol(socket),
         ["status" | "log" | "poweroff" | "reboot"] | ["restart", _] | ["user" | "admin", ..] => {
             let answer = request(socket, &words.join(" "), None)?;
             Ok(format::answer(&words, &answer))
