@@ -155,12 +155,12 @@ fn enrol(socket: &Path) -> Result<String, String> {
 /// The prompt loop; a refused command is reported and the loop goes on.
 fn interactive(socket: &Path) -> i32 {
     println!("cloister admin; type help for the commands");
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
     loop {
         print!("admin> ");
         let _ = std::io::stdout().flush();
-        let line = match read_bounded_line(&mut input) {
+        // Locked per line: a command may read stdin itself (a code, a password), and stdin's
+        // lock is not reentrant; its buffer is shared, so nothing read ahead is lost.
+        let line = match read_bounded_line(&mut std::io::stdin().lock()) {
             Ok(Some(line)) => line,
             Ok(None) => return 0,
             Err(e) => {
