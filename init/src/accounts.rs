@@ -443,15 +443,9 @@ pub struct Job {
 const MAX_ANSWER: usize = 1 << 20;
 
 impl Job {
-    /// Starts `cloister-init --accounts` with `change` (and `secret`) on its stdin.
-    pub fn start(change: &Change, secret: Option<&[u8]>) -> Result<Self, String> {
-        let mut input = Zeroizing::new(serde_json::to_vec(change).map_err(|e| e.to_string())?);
-        input.push(b'\n');
-        if let Some(secret) = secret {
-            input.extend_from_slice(secret);
-            input.push(b'\n');
-        }
-        let (pid, out) = crate::supervisor::spawn_helper(ACCOUNTS_ARG, &[], &input)?;
+    /// Starts `cloister-init <mode>` (`--accounts`, `--disk`) with `input` on its stdin.
+    pub fn start(mode: &str, input: &[u8]) -> Result<Self, String> {
+        let (pid, out) = crate::supervisor::spawn_helper(mode, &[], input)?;
         let out = std::fs::File::from(out);
         let flags = nix::fcntl::fcntl(&out, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
@@ -482,7 +476,7 @@ impl Job {
         self.drain();
         match serde_json::from_slice::<Value>(&self.said) {
             Ok(v @ Value::Object(_)) if code <= 2 => v,
-            _ => json!({ "ok": false, "error": format!("the account change failed (exit code {code})") }),
+            _ => json!({ "ok": false, "error": format!("the change failed (exit code {code})") }),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The control socket's protocol: one request line in (plus one secret line after `user add
-//! <name> --password`), one JSON object out, then close. Only root, the plan's admin uids and
+//! The control socket's protocol: one request line in (plus its secret lines: a chosen password
+//! after `user add <name> --password`, passphrases after `disk passphrase …`), one JSON object
+//! out, then close. Only root, the plan's admin uids and
 //! the admin group may use it (SO_PEERCRED, checked by the supervisor). Adding a command is one
 //! variant here and one arm in `Supervisor::answer`; account changes are [`Change`]s that a
 //! child process carries out (`accounts.rs`).
@@ -12,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::accounts::Change;
 use crate::admin_totp::TotpRequest;
+use crate::disk_keys::DiskChange;
 
 /// Longest request accepted; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 1024;
@@ -32,12 +34,20 @@ pub enum Request {
     Identity,
     /// The caller's second factor: the only requests an enrolled admin may send before a code.
     Totp(TotpRequest),
+    /// Disk passphrases: done by a child, answered when it ends.
+    Disk(DiskChange),
+    /// The kill switch, confirmed with [`cloister_proto::KILL_PHRASE`].
+    KillSystem,
 }
 
 impl Request {
-    /// A secret line follows this request's line (a chosen password).
-    pub fn wants_secret(&self) -> bool {
-        matches!(self, Request::Account(Change::UserAdd { chosen: true, .. }))
+    /// Secret lines that follow this request's line (a chosen password, passphrases).
+    pub fn secret_lines(&self) -> usize {
+        match self {
+            Request::Account(Change::UserAdd { chosen: true, .. }) => 1,
+            Request::Disk(change) => change.secret_lines(),
+            _ => 0,
+        }
     }
 }
 
@@ -57,6 +67,13 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         ["user", ..] => Request::Account(parse_user(&words[1..])?),
         ["admin", ..] => Request::Account(parse_admin(&words[1..])?),
         ["totp", ..] => Request::Totp(parse_totp(&words[1..])?),
+        ["disk", "passphrase", "add"] => Request::Disk(DiskChange::PassphraseAdd),
+        ["disk", "passphrase", "remove"] => Request::Disk(DiskChange::PassphraseRemove),
+        ["disk", ..] => return Err("disk takes: passphrase add | passphrase remove".into()),
+        ["kill-system", ..] if words[1..].join(" ") == cloister_proto::KILL_PHRASE => Request::KillSystem,
+        ["kill-system", ..] => {
+            return Err(format!("kill-system must be confirmed: kill-system {}", cloister_proto::KILL_PHRASE))
+        }
         [cmd, ..] if ["status", "log", "poweroff", "reboot", "restart", "identity"].contains(&cmd) => {
             return Err(format!("wrong number of words for {cmd}"))
         }
@@ -134,8 +151,8 @@ pub struct Client {
     /// May hold a secret line: wiped when the client goes.
     buf: Zeroizing<Vec<u8>>,
     deadline: Instant,
-    /// A request whose secret line has not arrived yet.
-    pub awaiting_secret: Option<Request>,
+    /// A request whose secret lines have not all arrived yet, and those that have.
+    pub awaiting_secrets: Option<(Request, Vec<Zeroizing<Vec<u8>>>)>,
     /// The child carrying out an account change; the answer goes out when it ends.
     pub job: Option<crate::accounts::Job>,
 }
@@ -158,7 +175,7 @@ impl Client {
             pid,
             buf: Zeroizing::new(Vec::new()),
             deadline: Instant::now() + CLIENT_DEADLINE,
-            awaiting_secret: None,
+            awaiting_secrets: None,
             job: None,
         }
     }
@@ -220,8 +237,12 @@ mod tests {
         assert_eq!(parse(b"user list"), Ok(Request::Account(Change::UserList)));
         let add = parse(b"user add carol --password").unwrap();
         assert_eq!(add, Request::Account(Change::UserAdd { name: "carol".into(), chosen: true }));
-        assert!(add.wants_secret());
-        assert!(!parse(b"user add carol").unwrap().wants_secret());
+        assert_eq!(add.secret_lines(), 1);
+        assert_eq!(parse(b"user add carol").unwrap().secret_lines(), 0);
+        let disk = parse(b"disk passphrase add").unwrap();
+        assert_eq!((disk.clone(), disk.secret_lines()), (Request::Disk(DiskChange::PassphraseAdd), 2));
+        assert_eq!(parse(b"disk passphrase remove").unwrap().secret_lines(), 1);
+        assert_eq!(parse(b"kill-system destroy  this appliance"), Ok(Request::KillSystem));
         assert_eq!(
             parse(b"user expire carol 2027-01-31"),
             Ok(Request::Account(Change::UserExpire { name: "carol".into(), day: Some(20_849) }))
@@ -259,6 +280,12 @@ mod tests {
             b"totp code",
             b"totp code 1 2",
             b"totp off",
+            b"disk",
+            b"disk passphrase",
+            b"disk passphrase add now",
+            b"kill-system",
+            b"kill-system destroy this",
+            b"kill-system destroy this appliance now",
             b"user add \x1b[2Jcarol",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");

@@ -67,6 +67,7 @@ nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 nix::ioctl_write_ptr_bad!(blkpg, nix::request_code_none!(0x12, 105), BlkpgIoctlArg);
 nix::ioctl_read!(xfs_fsgeometry_v1, b'X', 100, XfsFsopGeomV1);
 nix::ioctl_write_ptr!(xfs_growfsdata, b'X', 110, XfsGrowfsData);
+nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
 
 /// The size in bytes of the block device open as `dev`.
 pub fn device_bytes(dev: &File) -> nix::Result<u64> {
@@ -74,6 +75,13 @@ pub fn device_bytes(dev: &File) -> nix::Result<u64> {
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live local.
     unsafe { blkgetsize64(dev.as_raw_fd(), &mut bytes) }?;
     Ok(bytes)
+}
+
+/// Discards `length` bytes from `start` of the block device open as `dev` (BLKDISCARD).
+pub fn discard(dev: &File, start: u64, length: u64) -> nix::Result<()> {
+    let range = [start, length];
+    // SAFETY: BLKDISCARD reads two u64 (start, length) through the pointer, a live local.
+    unsafe { blkdiscard(dev.as_raw_fd(), &range) }.map(drop)
 }
 
 /// Tells the kernel that partition `pno` of `disk` now spans `length` bytes from `start`.

@@ -16,12 +16,14 @@ mod clock;
 mod cmdline;
 mod console;
 mod control;
+mod disk_keys;
 mod firewall;
 mod gpt;
 mod grow;
 mod guard;
 mod input;
 mod ioctl;
+mod kill_switch;
 mod kmod;
 mod landlock_rules;
 mod mounts;
@@ -74,6 +76,10 @@ fn main() {
     // The admin tools' account changes: a child of PID 1 (control socket `user …`, `admin …`).
     if args.get(1).map(String::as_str) == Some(accounts::ACCOUNTS_ARG) {
         accounts::run_mode();
+    }
+    // Disk passphrase changes: a child of PID 1 (control socket `disk passphrase …`).
+    if args.get(1).map(String::as_str) == Some(disk_keys::DISK_ARG) {
+        disk_keys::run_mode();
     }
     // The DHCP client: a supervised child of PID 1, never PID 1 itself.
     if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {

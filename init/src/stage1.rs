@@ -256,6 +256,8 @@ enum UnlockStepError {
     Modules(kmod::KmodError),
     #[error("loading {0} stopped abnormally")]
     ModulesThread(&'static str),
+    #[error("no encrypted root was found")]
+    NoHeader,
 }
 
 /// Asks until a passphrase opens the root; wrong ones cost a growing delay.
@@ -266,7 +268,18 @@ fn unlock(
     modules: &mut Background,
 ) -> Result<Passphrase, UnlockStepError> {
     mounts::make_dir(crate::unlock::LOCK_DIR, 0o700).map_err(UnlockStepError::LockDir)?;
-    let mut luks = Luks::open(dev)?;
+    let mut luks = match Luks::open(dev) {
+        Ok(luks) => luks,
+        Err(UnlockError::Load { .. }) => {
+            c.line(&format!(
+                "{} {}: its keys were destroyed (kill switch), or this is not a Cloister disk",
+                marker::NO_LUKS_HEADER,
+                dev.display()
+            ));
+            return Err(UnlockStepError::NoHeader);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut failures = 0u32;
     loop {
         c.line(&format!("cloister: asking for the passphrase at {} ms since boot", clock::boot_ms()));

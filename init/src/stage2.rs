@@ -59,6 +59,7 @@ pub fn run() -> ! {
     let ending = match sup.run(&sfd, &buttons) {
         Outcome::PowerOff => Ending::PowerOff,
         Outcome::Reboot => Ending::Reboot,
+        Outcome::KillSwitch => crate::kill_switch::run(&say),
     };
     say(marker::SHUTDOWN);
     sup.stop_all();

@@ -24,13 +24,15 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use cloister_plan::{NetNs, Plan, Service};
 use cloister_proto::{marker, service_event};
 
-use crate::accounts::Change;
+use crate::accounts::{Change, ACCOUNTS_ARG};
 use crate::admin_totp::{Gate as AdminTotp, TotpRequest};
 use crate::control::{self, Client, Progress, Request};
+use crate::disk_keys::{DiskChange, DISK_ARG};
 use crate::input;
 use crate::sandbox::{self, Launch};
 use crate::sessions::{ChatContext, Sessions};
@@ -43,11 +45,15 @@ const MAX_LINE: usize = 1024;
 /// An account change's child is stopped after this (removing waits for processes to die,
 /// hashing takes a moment, a home may be large).
 const ACCOUNT_CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+/// A disk passphrase change checks and adds with the image's KDF, several times over.
+const DISK_CHANGE_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Why the main loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     PowerOff,
+    /// Destroy the disk's keys and power off at once (`kill_switch.rs`).
+    KillSwitch,
     Reboot,
 }
 
@@ -636,8 +642,13 @@ impl<'a> Supervisor<'a> {
             reply(client, &json!({"ok": false, "error": "permission denied"}));
             return (true, None);
         }
-        if let Some(Request::Account(change)) = client.awaiting_secret.take() {
-            return (self.start_account_change(client, &change, Some(line)), None);
+        if let Some((request, mut secrets)) = client.awaiting_secrets.take() {
+            secrets.push(Zeroizing::new(line.to_vec()));
+            if secrets.len() < request.secret_lines() {
+                client.awaiting_secrets = Some((request, secrets));
+                return (false, None);
+            }
+            return (self.start_job(client, &request, &secrets), None);
         }
         let request = match control::parse(line) {
             Ok(r) => r,
@@ -646,27 +657,18 @@ impl<'a> Supervisor<'a> {
                 return (true, None);
             }
         };
-        let uid = client.uid.unwrap_or(u32::MAX);
-        let process = client.pid.and_then(crate::admin_totp::Process::of);
         if let Request::Totp(totp) = &request {
-            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-            let name = crate::chatclient::login_name(&passwd, uid);
-            let answer = self.admin_totp.answer(uid, name.as_deref(), process, totp);
-            if let (TotpRequest::Code(_) | TotpRequest::Confirm(_), Some(why)) =
-                (totp, answer["error"].as_str())
-            {
-                self.note(&format!("cloister: control: uid {uid}: second factor: {why}"));
-            }
-            reply(client, &answer);
+            self.answer_totp(client, totp);
             return (true, None);
         }
-        if let Err(why) = self.admin_totp.admits(uid, process) {
+        let uid = client.uid.unwrap_or(u32::MAX);
+        if let Err(why) = self.admin_totp.admits(uid, client.pid.and_then(crate::admin_totp::Process::of)) {
             self.note(&format!("cloister: control: uid {uid}: refused without its second factor"));
             reply(client, &json!({"ok": false, "error": why}));
             return (true, None);
         }
-        if request.wants_secret() {
-            client.awaiting_secret = Some(request);
+        if request.secret_lines() > 0 {
+            client.awaiting_secrets = Some((request, Vec::new()));
             return (false, None);
         }
         match request {
@@ -679,10 +681,15 @@ impl<'a> Supervisor<'a> {
                 let answer = self.request_restart(&name);
                 reply(client, &answer);
             }
-            Request::Account(change) => return (self.start_account_change(client, &change, None), None),
+            Request::Account(_) | Request::Disk(_) => return (self.start_job(client, &request, &[]), None),
             Request::Identity => reply(client, &self.identity()),
             // Answered above, before the gate.
             Request::Totp(_) => {}
+            Request::KillSystem => {
+                reply(client, &json!({"ok": true}));
+                self.note(&format!("cloister: control: uid {uid}: kill switch"));
+                return (true, Some(Outcome::KillSwitch));
+            }
             Request::PowerOff | Request::Reboot => {
                 reply(client, &json!({"ok": true}));
                 self.note(&format!(
@@ -698,21 +705,47 @@ impl<'a> Supervisor<'a> {
         (true, None)
     }
 
-    /// Hands `change` to a child; the client waits for its answer. Returns whether the client
-    /// is done (the child could not start).
-    fn start_account_change(&mut self, client: &mut Client, change: &Change, secret: Option<&[u8]>) -> bool {
+    /// `totp …`: the caller's own second factor, answered at once.
+    fn answer_totp(&mut self, client: &mut Client, totp: &TotpRequest) {
+        let uid = client.uid.unwrap_or(u32::MAX);
+        let process = client.pid.and_then(crate::admin_totp::Process::of);
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let name = crate::chatclient::login_name(&passwd, uid);
+        let answer = self.admin_totp.answer(uid, name.as_deref(), process, totp);
+        if let (TotpRequest::Code(_) | TotpRequest::Confirm(_), Some(why)) = (totp, answer["error"].as_str())
+        {
+            self.note(&format!("cloister: control: uid {uid}: second factor: {why}"));
+        }
+        reply(client, &answer);
+    }
+
+    /// Hands an account or disk change (with its secret lines) to a child; the client waits
+    /// for its answer. Returns whether the client is done (the child could not start).
+    fn start_job(&mut self, client: &mut Client, request: &Request, secrets: &[Zeroizing<Vec<u8>>]) -> bool {
         let who = client.uid.map_or("unknown".to_string(), |u| u.to_string());
-        match crate::accounts::Job::start(change, secret) {
+        let (mode, change, deadline) = match request {
+            Request::Account(change) => (ACCOUNTS_ARG, serde_json::to_vec(change), ACCOUNT_CHANGE_DEADLINE),
+            Request::Disk(change) => (DISK_ARG, serde_json::to_vec(change), DISK_CHANGE_DEADLINE),
+            _ => return true,
+        };
+        // One JSON line, then the secret lines.
+        let mut input = Zeroizing::new(change.unwrap_or_default());
+        input.push(b'\n');
+        for secret in secrets {
+            input.extend_from_slice(secret);
+            input.push(b'\n');
+        }
+        match crate::accounts::Job::start(mode, &input) {
             Ok(job) => {
                 // What was asked, never a secret: names and dates only.
-                self.note(&format!("cloister: control: uid {who}: {}", describe(change)));
+                self.note(&format!("cloister: control: uid {who}: {}", describe(request)));
                 client.job = Some(job);
-                client.extend_deadline(Instant::now() + ACCOUNT_CHANGE_DEADLINE);
+                client.extend_deadline(Instant::now() + deadline);
                 false
             }
             Err(e) => {
-                self.note(&format!("cloister: control: account change: {e}"));
-                reply(client, &json!({"ok": false, "error": "the account change could not start"}));
+                self.note(&format!("cloister: control: {}: {e}", describe(request)));
+                reply(client, &json!({"ok": false, "error": "the change could not start"}));
                 true
             }
         }
@@ -881,7 +914,13 @@ fn reply(client: &mut Client, value: &serde_json::Value) {
 }
 
 /// What a control request says in the log: the change and its account's name, nothing else.
-fn describe(change: &Change) -> String {
+fn describe(request: &Request) -> String {
+    let change = match request {
+        Request::Account(change) => change,
+        Request::Disk(DiskChange::PassphraseAdd) => return "disk passphrase add".into(),
+        Request::Disk(DiskChange::PassphraseRemove) => return "disk passphrase remove".into(),
+        _ => return "request".into(),
+    };
     match change {
         Change::UserList => "user list".into(),
         Change::AdminList => "admin list".into(),

@@ -46,14 +46,28 @@ impl Luks {
 
     /// Activates the mapping `name`. libcryptsetup answers EPERM when no keyslot opens.
     pub fn activate(&mut self, name: &'static str, passphrase: &[u8]) -> Result<(), UnlockError> {
-        self.activate_as(Some(name), passphrase)
+        self.activate_as(Some(name), passphrase).map(drop)
+    }
+
+    /// The keyslot `passphrase` opens (checked only: nothing is activated), `None` for none.
+    pub fn slot_of(&mut self, passphrase: &[u8]) -> Result<Option<u32>, UnlockError> {
+        match self.activate_as(None, passphrase) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(UnlockError::WrongPassphrase) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn device(&mut self) -> &mut CryptDevice {
+        &mut self.device
     }
 
     /// With no name, libcryptsetup only checks the passphrase (no device-mapper needed).
-    fn activate_as(&mut self, name: Option<&'static str>, passphrase: &[u8]) -> Result<(), UnlockError> {
+    /// Returns the keyslot that opened.
+    fn activate_as(&mut self, name: Option<&'static str>, passphrase: &[u8]) -> Result<u32, UnlockError> {
         let handle = &mut self.device.activate_handle();
         match handle.activate_by_passphrase(name, None, passphrase, CryptActivate::empty()) {
-            Ok(_) => Ok(()),
+            Ok(slot) => Ok(slot),
             Err(LibcryptErr::IOError(e)) if e.raw_os_error() == Some(nix::libc::EPERM) => {
                 Err(UnlockError::WrongPassphrase)
             }
@@ -62,6 +76,14 @@ impl Luks {
             }
         }
     }
+}
+
+/// The device under the open mapping `name` (the LUKS container it was opened from).
+pub fn device_of(name: &'static str) -> Result<PathBuf, UnlockError> {
+    let mut device = CryptInit::init_by_name_and_header(name, None)
+        .map_err(|source| UnlockError::InitByName { name, source })?;
+    let path = device.status_handle().get_device_path().map(Path::to_path_buf);
+    path.map_err(|source| UnlockError::InitByName { name, source })
 }
 
 /// Removes the mapping `name`; the filesystem on it must be unmounted already.

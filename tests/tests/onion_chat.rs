@@ -19,6 +19,8 @@ use cloister_tests::*;
 
 #[path = "onion_chat/admin.rs"]
 mod admin;
+#[path = "onion_chat/disk.rs"]
+mod disk;
 #[path = "onion_chat/totp.rs"]
 mod totp;
 
@@ -78,17 +80,28 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    let result = scenarios(&ssh, &host_key);
+    let result = scenarios(&ssh, &host_key).and_then(|()| {
+        timed("disk passphrases: refusals, add, remove, never the last", || {
+            disk::disk_passphrases(&ssh, &e2e.passphrase()?)
+        })
+    });
     // Test artifacts beside the other runs' (the scratch directory goes on success): what the
     // appliance printed, to read the timings and refusals from.
-    std::fs::write(e2e.work.join("onion-chat-console.log"), vm.console_text())?;
-    result?;
-    timed("power button powers off", || {
-        vm.power_button()?;
-        vm.wait_for(marker::POWER_OFF, Duration::from_secs(180))?;
-        Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
+    let console_log = e2e.work.join("onion-chat-console.log");
+    std::fs::write(&console_log, vm.console_text())?;
+    let new_passphrase = result?;
+    // The running appliance's header, as written through to the image: checked before the kill
+    // switch destroys it.
+    timed("the disk opens with the added passphrase only", || {
+        disk::image_opens_with(&disk, &dir, &new_passphrase, &e2e.passphrase()?)
     })?;
+    let killed = timed("kill switch: keys destroyed, power off", || disk::kill_switch(&ssh, &vm));
+    std::fs::write(&console_log, vm.console_text())?;
+    killed?;
     drop(vm);
+    timed("no LUKS header is left, and the next boot says so", || {
+        disk::nothing_left_to_open(&disk, &e2e.scratch("onion-chat-after-kill")?)
+    })?;
     let summary = judge_capture(&capture.finish()?)?;
     std::fs::write(e2e.work.join("onion-chat-capture.txt"), &summary)?;
     eprint!("{summary}");

@@ -32,6 +32,14 @@ pub fn answer(words: &[&str], answer: &Value) -> String {
             Some(day) => format!("{} expires after {day}", text(&answer["name"])),
             None => format!("{} never expires", text(&answer["name"])),
         },
+        ["disk", "passphrase", "add"] => format!(
+            "passphrase added to {} disk container(s); each opens with it",
+            answer["added"].as_array().map_or(0, Vec::len)
+        ),
+        ["disk", "passphrase", "remove"] => format!(
+            "passphrase removed from {} disk container(s)",
+            answer["removed"].as_array().map_or(0, Vec::len)
+        ),
         ["poweroff"] => "powering off".into(),
         ["reboot"] => "rebooting".into(),
         _ => "ok".into(),

@@ -28,6 +28,8 @@ use zeroize::Zeroizing;
 const MAX_LINE: usize = 2048;
 /// PID 1 answers an account change when its child ends (at most a minute).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
+/// ... and a disk passphrase change (the KDF runs several times) within five.
+const DISK_ANSWER_TIMEOUT: Duration = Duration::from_secs(330);
 
 const HELP: &str = "\
 commands:
@@ -46,6 +48,9 @@ commands:
   admin remove <name>                 never the last one
   admin reset-totp <name>             drop an admin's second factor
   totp enrol                          two-factor login for your account: scan, type a code back
+  disk passphrase add                 current passphrase, then a new one twice (or 3 lines on stdin)
+  disk passphrase remove              never the last one of a disk
+  kill-system                         destroy the disk's keys and power off (asks twice)
   restart <service>
   poweroff | reboot
   help | exit";
@@ -96,22 +101,28 @@ fn second_factor(socket: &Path) -> Result<(), String> {
     if status["enrolled"] != Value::Bool(true) || status["passed"] == Value::Bool(true) {
         return Ok(());
     }
+    send_codes(socket, "verification code: ", "totp code").map_err(|e| format!("{e}; log in again"))
+}
+
+/// Codes read with `prompt` (up to three on a terminal, one from stdin), each sent as
+/// `<request> <code>`, until PID 1 takes one.
+fn send_codes(socket: &Path, prompt: &str, request_words: &str) -> Result<(), String> {
     let tries = if std::io::stdin().is_terminal() { CODE_TRIES } else { 1 };
     for _ in 0..tries {
-        let code = match read_code("verification code: ") {
+        let code = match read_code(prompt) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e}");
                 continue;
             }
         };
-        match request(socket, &format!("totp code {code}"), None) {
+        match request(socket, &format!("{request_words} {code}"), None) {
             Ok(_) => return Ok(()),
             Err(e) if e.starts_with("too many") => return Err(e),
             Err(e) => eprintln!("{e}"),
         }
     }
-    Err("no valid code; log in again".into())
+    Err("no valid code".into())
 }
 
 /// One code: prompted on the terminal (on stderr: stdout is the command's), or the next line
@@ -135,21 +146,9 @@ fn read_code(prompt: &str) -> Result<String, String> {
 fn enrol(socket: &Path) -> Result<String, String> {
     let offer = request(socket, "totp enrol", None)?;
     println!("{}", format::secret(&offer));
-    let tries = if std::io::stdin().is_terminal() { CODE_TRIES } else { 1 };
-    for _ in 0..tries {
-        let code = match read_code("code from the app: ") {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("{e}");
-                continue;
-            }
-        };
-        match request(socket, &format!("totp confirm {code}"), None) {
-            Ok(_) => return Ok("two-factor login is on: every login asks for a code from the app".into()),
-            Err(e) => eprintln!("{e}"),
-        }
-    }
-    Err("two-factor login not changed".into())
+    send_codes(socket, "code from the app: ", "totp confirm")
+        .map(|()| "two-factor login is on: every login asks for a code from the app".to_string())
+        .map_err(|e| format!("{e}: two-factor login not changed"))
 }
 
 /// The prompt loop; a refused command is reported and the loop goes on.
@@ -229,6 +228,24 @@ fn run(socket: &Path, line: &str) -> Result<String, String> {
             Ok(format::added(&answer))
         }
         ["show"] => Ok(format::identity(&request(socket, "identity", None)?)),
+        ["kill-system"] => kill_system(socket),
+        ["disk", "passphrase", "add"] => {
+            let current = ask_secret("current disk passphrase: ")?;
+            let new = ask_secret("new disk passphrase: ")?;
+            if *new != *ask_secret("new disk passphrase again: ")? {
+                return Err("the two new passphrases differ; nothing changed".into());
+            }
+            cloister_proto::disk::check_new_passphrase(&current, &new)?;
+            let secrets = [current.as_str(), new.as_str()];
+            let answer = request_waiting(socket, &words.join(" "), &secrets, DISK_ANSWER_TIMEOUT)?;
+            Ok(format::answer(&words, &answer))
+        }
+        ["disk", "passphrase", "remove"] => {
+            let passphrase = ask_secret("disk passphrase to remove: ")?;
+            let answer =
+                request_waiting(socket, &words.join(" "), &[passphrase.as_str()], DISK_ANSWER_TIMEOUT)?;
+            Ok(format::answer(&words, &answer))
+        }
         ["totp", "enrol"] => enrol(socket),
         ["status" | "log" | "poweroff" | "reboot"] | ["restart", _] | ["user" | "admin", ..] => {
             let answer = request(socket, &words.join(" "), None)?;
@@ -238,19 +255,47 @@ fn run(socket: &Path, line: &str) -> Result<String, String> {
     }
 }
 
+/// Two confirmations, the second the whole phrase; then the request. The appliance powers off
+/// before it can say more than that it started.
+fn kill_system(socket: &Path) -> Result<String, String> {
+    println!(
+        "kill-system destroys the disk's encryption keys: everything on this appliance (chats, \
+         accounts, keys, its onion address) is lost for good, and it powers off at once."
+    );
+    let not_done = |why: &str| Err(format!("{why}; nothing happened"));
+    if ask_line("type yes to go on: ")?.trim() != "yes" {
+        return not_done("not confirmed");
+    }
+    let phrase = cloister_proto::KILL_PHRASE;
+    if ask_line(&format!("type \"{phrase}\" to destroy it: "))?.trim() != phrase {
+        return not_done("the phrase does not match");
+    }
+    request(socket, &format!("kill-system {phrase}"), None)?;
+    Ok("the appliance is destroying its keys and powers off".into())
+}
+
+/// One answer: a prompt, then a line of stdin.
+fn ask_line(prompt: &str) -> Result<String, String> {
+    print!("{prompt}");
+    let _ = std::io::stdout().flush();
+    read_bounded_line(&mut std::io::stdin().lock())?.ok_or_else(|| "no answer".to_string())
+}
+
+/// A secret typed without echo on the terminal, or the next line of stdin when there is none.
+fn ask_secret(prompt: &str) -> Result<Zeroizing<String>, String> {
+    match rpassword::prompt_password(prompt) {
+        Ok(p) => Ok(Zeroizing::new(p)),
+        Err(_) => read_bounded_line(&mut std::io::stdin().lock())?
+            .map(Zeroizing::new)
+            .ok_or_else(|| "no input for a secret".to_string()),
+    }
+}
+
 /// A chosen password, typed twice without echo on the terminal (or two lines of stdin when
 /// there is none), checked by the same rules PID 1 applies.
 fn ask_new_password(name: &str) -> Result<Zeroizing<String>, String> {
-    let ask = |prompt: &str| -> Result<Zeroizing<String>, String> {
-        match rpassword::prompt_password(prompt) {
-            Ok(p) => Ok(Zeroizing::new(p)),
-            Err(_) => read_bounded_line(&mut std::io::stdin().lock())?
-                .map(Zeroizing::new)
-                .ok_or_else(|| "no password given".to_string()),
-        }
-    };
-    let first = ask(&format!("password for {name}: "))?;
-    let again = ask("again: ")?;
+    let first = ask_secret(&format!("password for {name}: "))?;
+    let again = ask_secret("again: ")?;
     if *first != *again {
         return Err("the two passwords differ; nothing changed".into());
     }
@@ -260,11 +305,17 @@ fn ask_new_password(name: &str) -> Result<Zeroizing<String>, String> {
 
 /// Sends one request (and its secret line) and returns PID 1's answer when it says `ok`.
 fn request(socket: &Path, line: &str, secret: Option<&str>) -> Result<Value, String> {
+    let secrets: Vec<&str> = secret.into_iter().collect();
+    request_waiting(socket, line, &secrets, ANSWER_TIMEOUT)
+}
+
+/// [`request`] with any number of secret lines, waiting up to `timeout` for the answer.
+fn request_waiting(socket: &Path, line: &str, secrets: &[&str], timeout: Duration) -> Result<Value, String> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|e| format!("the control socket is not available ({}): {e}", socket.display()))?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let mut out = Zeroizing::new(format!("{line}\n"));
-    if let Some(secret) = secret {
+    for secret in secrets {
         out.push_str(secret);
         out.push('\n');
     }

@@ -93,3 +93,23 @@ fn enrolment_at_the_prompt_reads_the_code_and_goes_on() {
     let seen = seen.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(seen, ["totp status", "totp enrol", "totp confirm 654321", "status"]);
 }
+
+/// The kill switch asks twice; a wrong answer sends nothing, the right ones send the phrase.
+#[test]
+fn kill_system_needs_both_confirmations() {
+    for refused in ["no\n", "yes\ndestroy\n", "yes\n"] {
+        let (dir, seen) = fake_pid1(vec![("totp status", r#"{"ok":true,"enrolled":false,"passed":true}"#)]);
+        let out = admin(dir.path(), &["-c", "kill-system"], refused);
+        assert_eq!(out.status.code(), Some(1), "{refused:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("nothing happened") || refused == "yes\n");
+        assert_eq!(seen.recv_timeout(Duration::from_secs(10)).unwrap(), ["totp status"]);
+    }
+    let (dir, seen) = fake_pid1(vec![
+        ("totp status", r#"{"ok":true,"enrolled":false,"passed":true}"#),
+        ("kill-system", r#"{"ok":true}"#),
+    ]);
+    let out = admin(dir.path(), &["-c", "kill-system"], "yes\ndestroy this appliance\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(seen, ["totp status", "kill-system destroy this appliance"]);
+}

@@ -12,6 +12,10 @@ pub const CMDLINE_APPLIANCE: &str = "cloister.appliance";
 /// Name of the dm-crypt mapping of the root (`/dev/mapper/<name>`).
 pub const ROOT_MAPPING: &str = "cloister-root";
 
+/// What an admin types to confirm the kill switch (the admin CLI's second confirmation, and the
+/// words the control socket's `kill-system` request must carry).
+pub const KILL_PHRASE: &str = "destroy this appliance";
+
 /// Where stage 1 is installed inside the initramfs.
 pub const STAGE1_PATH: &str = "/init";
 /// Where the same binary lives on the root filesystem; stage 1 execs it as stage 2.
@@ -50,6 +54,10 @@ pub mod marker {
     pub const REBOOT: &str = "cloister: reboot";
     /// Prefix of a fatal stage error; the step name and the error follow.
     pub const FATAL: &str = "cloister: fatal:";
+    /// The kill switch finished; the line goes on with what it did and its time.
+    pub const KILL_SWITCH_DONE: &str = "cloister: kill switch: keys destroyed";
+    /// Stage 1 found no LUKS header where the root should be (after the kill switch, say).
+    pub const NO_LUKS_HEADER: &str = "cloister: no LUKS header on";
     /// Printed once every service of the plan is ready:
     /// `cloister: all services ready (<n> ms in stage 2)`.
     pub const ALL_READY: &str = "cloister: all services ready";
@@ -130,6 +138,27 @@ mod tests {
         let line = service_event::line("ngircd", "started (pid 7)");
         assert_eq!(service_event::parse(&format!("[ 1.0] {line}")), Some(("ngircd", "started (pid 7)")));
         assert_eq!(service_event::parse("ngircd: hello"), None);
+    }
+}
+
+/// Disk passphrases added on a running appliance: the admin CLI checks before it sends, PID 1's
+/// child again.
+pub mod disk {
+    /// The shortest new disk passphrase, in characters.
+    pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
+    /// Why a new passphrase is refused, or `Ok`.
+    pub fn check_new_passphrase(current: &str, new: &str) -> Result<(), String> {
+        if new.chars().any(char::is_control) {
+            return Err("the new passphrase contains control characters".into());
+        }
+        if new.chars().count() < MIN_PASSPHRASE_CHARS {
+            return Err(format!("the new passphrase must have at least {MIN_PASSPHRASE_CHARS} characters"));
+        }
+        if new == current {
+            return Err("the new passphrase must differ from the current one".into());
+        }
+        Ok(())
     }
 }
 

@@ -30,6 +30,21 @@ pub fn admin_manages_chat_users(ssh: &Ssh) -> Result<()> {
     ensure!(ssh.logs_in("carol")?, "carol cannot log in after unlock and `expire never`");
 
     removal_ends_the_session(ssh)?;
+    chosen_password(ssh)
+}
+
+/// `user add <name> --password` without a terminal reads the password twice from stdin; it
+/// is never shown, and it logs in.
+fn chosen_password(ssh: &Ssh) -> Result<()> {
+    let chosen = format!("chosen-{}", token()?);
+    let out =
+        ssh.run(ADMIN, &[], &["user", "add", "erin", "--password"], &format!("{chosen}\n{chosen}\n"))?;
+    let text = both(&out);
+    ensure!(out.status.success() && text.contains("user erin added"), "{text}");
+    ensure!(!text.contains(&chosen), "the chosen password was shown: {text}");
+    std::fs::write(ssh.password_file("erin"), format!("{chosen}\n"))?;
+    ensure!(ssh.logs_in("erin")?, "erin cannot log in with the password chosen for her");
+    ssh.admin(&["user", "remove", "erin"])?;
     Ok(())
 }
 
