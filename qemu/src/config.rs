@@ -67,6 +67,9 @@ pub struct VmConfig {
     pub extra_drives: Vec<PathBuf>,
     /// Writes to `image` go to a throw-away overlay (`snapshot=on`), so the image stays as built.
     pub snapshot: bool,
+    /// Every write to `image` is also logged here (QEMU's `blklogwrites`, dm-log-writes'
+    /// format), so a test can replay any prefix of them: every power-cut point of one boot.
+    pub write_log: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -82,6 +85,7 @@ impl VmConfig {
         self.firmware.code = abs(&self.firmware.code)?;
         self.firmware.vars_template = abs(&self.firmware.vars_template)?;
         self.extra_drives = self.extra_drives.iter().map(|d| abs(d)).collect::<crate::Result<_>>()?;
+        self.write_log = self.write_log.as_deref().map(abs).transpose()?;
         Ok(self)
     }
 
@@ -99,6 +103,7 @@ impl VmConfig {
             work_dir: work_dir.into(),
             extra_drives: Vec::new(),
             snapshot: false,
+            write_log: None,
         }
     }
 
@@ -161,7 +166,15 @@ impl VmConfig {
     fn push_disks(&self, argv: &mut Vec<OsString>) {
         let snapshot = if self.snapshot { ",snapshot=on" } else { "" };
         let image = opt_path(&self.image);
-        push_all(argv, ["-drive", &format!("file={image},if=none,id=disk0,format=raw{snapshot}")]);
+        let disk0 = match &self.write_log {
+            Some(log) => format!(
+                "if=none,id=disk0,driver=blklogwrites,file.driver=file,file.filename={image},\
+                 log.driver=file,log.filename={}{snapshot}",
+                opt_path(log)
+            ),
+            None => format!("file={image},if=none,id=disk0,format=raw{snapshot}"),
+        };
+        push_all(argv, ["-drive", &disk0]);
         push_all(argv, ["-device", "virtio-blk-pci,drive=disk0,bootindex=0"]);
         for (i, drive) in self.extra_drives.iter().enumerate() {
             let id = format!("disk{}", i + 1);
@@ -280,6 +293,19 @@ mod tests {
         let argv = args(&cfg, Accelerator::Tcg);
         assert!(has_pair(&argv, "-drive", "file=/img/disk.raw,if=none,id=disk0,format=raw,snapshot=on"));
         assert_eq!(argv.iter().filter(|a| a.contains("snapshot")).count(), 1);
+    }
+
+    #[test]
+    fn a_write_log_wraps_only_the_image() {
+        let mut cfg = config();
+        cfg.write_log = Some("/img/writes.log".into());
+        cfg.extra_drives = vec!["/img/data.raw".into()];
+        let argv = args(&cfg, Accelerator::Tcg);
+        let disk0 = "if=none,id=disk0,driver=blklogwrites,file.driver=file,file.filename=/img/disk.raw,\
+                     log.driver=file,log.filename=/img/writes.log";
+        assert!(has_pair(&argv, "-drive", disk0), "{argv:?}");
+        assert!(has_pair(&argv, "-drive", "file=/img/data.raw,if=none,id=disk1,format=raw"));
+        assert!(has_pair(&argv, "-device", "virtio-blk-pci,drive=disk0,bootindex=0"));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Error {
     ConsoleWrite { source: std::io::Error },
     #[error("Vm::start needs Console::Captured; use run_interactive for a terminal")]
     NotCaptured,
+    #[error("a write log records nothing under snapshot=on; use one or the other")]
+    LogWithSnapshot,
     #[error("connect to qmp socket {path}: {source}")]
     QmpConnect { path: PathBuf, source: std::io::Error },
     #[error("qmp {command}: {source}")]

@@ -56,6 +56,13 @@ impl Vm {
         if config.console != Console::Captured {
             return Err(Error::NotCaptured);
         }
+        if let Some(path) = &config.write_log {
+            // A snapshot overlay would take the writes before they reach the logging layer.
+            if config.snapshot {
+                return Err(Error::LogWithSnapshot);
+            }
+            create(path)?;
+        }
         let accel = resolve_accel(config.accel);
         prepare_work_dir(&config)?;
         let log = create(&config.console_log_path())?;

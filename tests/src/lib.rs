@@ -8,6 +8,7 @@ pub mod capture;
 pub mod qr;
 pub mod tools;
 pub mod tornet;
+pub mod writelog;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
