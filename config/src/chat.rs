@@ -58,19 +58,24 @@ pub struct ChatUser {
 pub const MAX_CHAT_USERS: usize = 500;
 
 /// `[admin]`: the appliance's administrators. They log in over the onion service with their SSH
-/// key only, and their login shell is the admin CLI; there is no password and no other shell.
+/// key only, and their login shell is the admin CLI. On the appliance's own console they log in
+/// with a console password (never accepted over the network), then the admin CLI runs there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub accounts: Vec<AdminAccount>,
 }
 
-/// One admin: a login name and an SSH public key line (`ssh-ed25519 AAAA... comment`).
+/// One admin: a login name, an SSH public key line (`ssh-ed25519 AAAA... comment`) and, for
+/// the console, the crypt(3) hash of a console password (or none: no console login until the
+/// admin sets one with `console-password` over the onion service).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminAccount {
     pub name: String,
     pub ssh_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_password_hash: Option<String>,
 }
 
 /// Most admin accounts an image may declare.
@@ -95,6 +100,14 @@ impl AdminConfig {
             }
             if let Err(why) = check_admin_key(&a.ssh_key) {
                 return bad(format!("entry {} ({}): ssh_key: {why}", i + 1, a.name));
+            }
+            if a.console_password_hash.as_deref().is_some_and(|h| !is_crypt_hash(h)) {
+                return bad(format!(
+                    "entry {} ({}): console_password_hash must be a crypt(3) hash starting with $y$, \
+                     $6$ or $5$ (e.g. from `mkpasswd -m yescrypt`), never the password",
+                    i + 1,
+                    a.name
+                ));
             }
         }
         Ok(())
@@ -183,14 +196,27 @@ mod tests {
     fn admins_need_a_fresh_name_and_an_ed25519_key() {
         const KEY: &str =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqUUNcrpcdDksXxNuda4QJg6P8JCz80b+4wMV18Iwt ops";
-        let admin = |name: &str, key: &str| AdminAccount { name: name.into(), ssh_key: key.into() };
+        let admin = |name: &str, key: &str| AdminAccount {
+            name: name.into(),
+            ssh_key: key.into(),
+            console_password_hash: None,
+        };
         let chat = ChatConfig { users: vec![user("alice", HASH)], ..Default::default() };
         assert_eq!(AdminConfig { accounts: vec![admin("ops", KEY)] }.validate(&chat), Ok(()));
+        let console = AdminAccount { console_password_hash: Some(HASH.into()), ..admin("ops", KEY) };
+        assert_eq!(AdminConfig { accounts: vec![console] }.validate(&chat), Ok(()));
         for (accounts, says) in [
             (vec![admin("alice", KEY)], "entry 1: \"alice\" is also a chat user"),
             (vec![admin("ops", KEY), admin("ops", KEY)], "entry 2: \"ops\" is listed twice"),
             (vec![admin("root", KEY)], "reserved"),
             (vec![admin("ops", "ssh-rsa AAAAB3NzaC1yc2E ops")], "entry 1 (ops): ssh_key: key type"),
+            (
+                vec![AdminAccount {
+                    console_password_hash: Some("hunter2hunter2".into()),
+                    ..admin("ops", KEY)
+                }],
+                "entry 1 (ops): console_password_hash must be a crypt(3) hash",
+            ),
         ] {
             let (key, why) = AdminConfig { accounts }.validate(&chat).unwrap_err();
             assert_eq!(key, "admin.accounts");

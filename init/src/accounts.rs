@@ -68,6 +68,10 @@ pub enum Change {
     AdminResetTotp {
         name: String,
     },
+    /// Sets the admin's console password (the next line): PID 1 names the admin who asked.
+    AdminConsolePassword {
+        name: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,7 +135,30 @@ impl Db<'_> {
             Change::UserResetTotp { name } => self.reset_totp(chat, name),
             Change::AdminResetTotp { name } => self.reset_totp(admin, name),
             Change::AdminAdd { name, key } => self.add_admin(name, key),
+            Change::AdminConsolePassword { name } => {
+                self.set_console_password(name, password.unwrap_or_default())
+            }
         }
+    }
+
+    fn console_path(&self) -> PathBuf {
+        self.etc.join(cloister_plan::accounts::CONSOLE_PASSWORDS.trim_start_matches("/etc/"))
+    }
+
+    /// Replaces (or adds) `name`'s console password line: the file is root's only.
+    fn set_console_password(&self, name: &str, password: &str) -> Result<Value, AccountError> {
+        self.find(&self.plan.admin, name)?;
+        cloister_proto::session::check_new_password("", password).map_err(|e| Refused(e.to_string()))?;
+        let hash = passwd::hash(password).map_err(|e| Database(e.to_string()))?;
+        let old = Zeroizing::new(read_if_there(&self.console_path())?);
+        let mut text = Zeroizing::new(without_line(&old, name));
+        text.push_str(&format!("{name}:{hash}\n"));
+        if let Some(dir) = self.console_path().parent() {
+            std::fs::create_dir_all(dir).map_err(db_err("console password directory"))?;
+        }
+        passwd::write_replacing(&self.console_path(), &text, 0o600)
+            .map_err(db_err("writing console passwords"))?;
+        Ok(json!({ "name": name }))
     }
 
     fn passwd_path(&self) -> PathBuf {
@@ -160,6 +187,8 @@ impl Db<'_> {
 
     fn list(&self, kind: &AccountKind) -> Result<Value, AccountError> {
         let (passwd, shadow) = self.read()?;
+        let console = Zeroizing::new(read_if_there(&self.console_path())?);
+        let has_console = |name: &str| console.lines().any(|l| l.split(':').next() == Some(name));
         let accounts: Vec<Value> = entries(&passwd)
             .into_iter()
             .filter(|e| e.gid == kind.gid && kind.owns_uid(e.uid))
@@ -167,13 +196,17 @@ impl Db<'_> {
                 let fields = shadow_fields(&shadow, &e.name);
                 let locked = fields.get(1).is_none_or(|h| h.starts_with('!'));
                 let expires = fields.get(7).and_then(|d| d.parse::<u64>().ok());
-                json!({
+                let mut account = json!({
                     "name": e.name,
                     "uid": e.uid,
                     "locked": locked,
                     "expires": expires.map(cloister_plan::accounts::format_date),
                     "totp": self.totp.load(e.uid).map(|t| t.is_some()).unwrap_or(true),
-                })
+                });
+                if kind == &self.plan.admin {
+                    account["console"] = Value::Bool(has_console(&e.name));
+                }
+                account
             })
             .collect();
         Ok(json!({ "accounts": accounts }))
@@ -253,6 +286,11 @@ impl Db<'_> {
         }
         let answer = self.remove(admin, &entry.name)?;
         remove_if_there(&self.plan.admin_keys.join(name))?;
+        let console = Zeroizing::new(read_if_there(&self.console_path())?);
+        if console.lines().any(|l| l.split(':').next() == Some(name)) {
+            passwd::write_replacing(&self.console_path(), &without_line(&console, name), 0o600)
+                .map_err(db_err("writing console passwords"))?;
+        }
         Ok(answer)
     }
 
@@ -360,6 +398,14 @@ fn remove_tree(path: &Path) -> Result<(), AccountError> {
         Err(e) => Err(Database(format!("{}: {e}", path.display()))),
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(db_err("removing the home")),
         Ok(_) => remove_if_there(path),
+    }
+}
+
+/// A file's text, empty when it does not exist.
+fn read_if_there(path: &Path) -> Result<String, AccountError> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        other => other.map_err(|e| Database(format!("reading {}: {e}", path.display()))),
     }
 }
 
@@ -731,6 +777,36 @@ mod tests {
         let e = f.db().apply(&Change::AdminRemove { name: user("eve") }, None).unwrap_err();
         assert!(e.to_string().contains("last admin"), "{e}");
         assert!(f.dir.path().join("keys/eve").exists());
+    }
+
+    /// The console password goes to its own root-only file, never to shadow; it must pass the
+    /// password rules, and it leaves with its admin.
+    #[test]
+    fn console_passwords_are_set_for_admins_only_and_removed_with_them() {
+        let f = Fixture::new();
+        let shadow = f.file("etc/shadow");
+        let set =
+            |name: &str, pw: &str| f.db().apply(&Change::AdminConsolePassword { name: user(name) }, Some(pw));
+        assert!(
+            matches!(set("alice", "a long password 1"), Err(Refused(ref w)) if w.contains("no admin account"))
+        );
+        assert!(matches!(set("ops", "short"), Err(Refused(ref w)) if w.contains("at least")));
+        assert!(!f.dir.path().join("etc/cloister/console-passwords").exists());
+        set("ops", "a long password 1").unwrap();
+        set("ops", "a longer password 2").unwrap();
+        let console = f.file("etc/cloister/console-passwords");
+        assert_eq!(console.lines().count(), 1, "{console}");
+        let hash = console.strip_prefix("ops:").unwrap().trim_end();
+        assert!(passwd::verify("a longer password 2", hash) && !passwd::verify("a long password 1", hash));
+        let mode =
+            std::fs::metadata(f.dir.path().join("etc/cloister/console-passwords")).unwrap().permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        assert_eq!(f.file("etc/shadow"), shadow, "shadow never holds a console password");
+        let admins = f.db().apply(&Change::AdminList, None).unwrap();
+        assert_eq!(admins["accounts"][0]["console"], true);
+        f.db().apply(&Change::AdminAdd { name: user("eve"), key: KEY.into() }, None).unwrap();
+        f.db().apply(&Change::AdminRemove { name: user("ops") }, None).unwrap();
+        assert_eq!(f.file("etc/cloister/console-passwords"), "");
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub fn service(user: &ChatUser, client: &ChatClient, config: &Path, term: &str, 
         after: Vec::new(),
         ready: Readiness::Started,
         restart: Restart::default(),
+        terminal: None,
     }
 }
 

@@ -41,9 +41,15 @@ impl Consoles {
             let _ = std::io::stderr().write_all(bytes);
             return;
         }
-        for (_, tty) in &self.ttys {
+        for (path, tty) in &self.ttys {
             let mut w: &File = tty;
-            let _ = w.write_all(bytes);
+            if w.write_all(bytes).is_err() {
+                // A hung-up terminal (its session ended) takes no more writes through this
+                // handle; a new one works.
+                if let Some(mut fresh) = open_tty(path) {
+                    let _ = fresh.write_all(bytes);
+                }
+            }
         }
     }
 }

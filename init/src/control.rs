@@ -44,7 +44,7 @@ impl Request {
     /// Secret lines that follow this request's line (a chosen password, passphrases).
     pub fn secret_lines(&self) -> usize {
         match self {
-            Request::Account(Change::UserAdd { chosen: true, .. }) => 1,
+            Request::Account(Change::UserAdd { chosen: true, .. } | Change::AdminConsolePassword { .. }) => 1,
             Request::Disk(change) => change.secret_lines(),
             _ => 0,
         }
@@ -67,6 +67,8 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         ["user", ..] => Request::Account(parse_user(&words[1..])?),
         ["admin", ..] => Request::Account(parse_admin(&words[1..])?),
         ["totp", ..] => Request::Totp(parse_totp(&words[1..])?),
+        // The caller's own: PID 1 fills in the name from the peer's credentials.
+        ["console-password"] => Request::Account(Change::AdminConsolePassword { name: String::new() }),
         ["disk", "passphrase", "add"] => Request::Disk(DiskChange::PassphraseAdd),
         ["disk", "passphrase", "remove"] => Request::Disk(DiskChange::PassphraseRemove),
         ["disk", ..] => return Err("disk takes: passphrase add | passphrase remove".into()),

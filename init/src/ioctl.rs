@@ -1,6 +1,6 @@
-//! The block-device and XFS ioctls first-boot growth needs, behind safe functions: the size of a
-//! block device, resizing a partition in the kernel's table (BLKPG), and reading and growing an
-//! XFS data section. The structures are `#[repr(C)]` copies of `<linux/blkpg.h>` and xfsprogs'
+//! The ioctls PID 1 needs, behind safe functions: for first-boot growth the size of a block
+//! device, resizing a partition in the kernel's table (BLKPG), and reading and growing an XFS
+//! data section; for the kill switch BLKDISCARD. The structures are `#[repr(C)]` copies of `<linux/blkpg.h>` and xfsprogs'
 //! `<xfs/xfs_fs.h>` (package xfslibs-dev); a unit test compiles a C program against those headers
 //! and compares sizes, offsets and request numbers, so a drift fails the build's tests rather
 //! than a user's first boot.

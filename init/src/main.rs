@@ -15,6 +15,7 @@ mod chatclient;
 mod clock;
 mod cmdline;
 mod console;
+mod console_login;
 mod control;
 mod disk_keys;
 mod firewall;
@@ -26,6 +27,7 @@ mod ioctl;
 mod kill_switch;
 mod kmod;
 mod landlock_rules;
+mod memory;
 mod mounts;
 mod netns;
 mod network;
@@ -76,6 +78,10 @@ fn main() {
     // The admin tools' account changes: a child of PID 1 (control socket `user …`, `admin …`).
     if args.get(1).map(String::as_str) == Some(accounts::ACCOUNTS_ARG) {
         accounts::run_mode();
+    }
+    // The admin login on a console: a supervised child of PID 1, one per console.
+    if args.get(1).map(String::as_str) == Some(console_login::CONSOLE_ARG) {
+        console_login::run_mode(args.get(2));
     }
     // Disk passphrase changes: a child of PID 1 (control socket `disk passphrase …`).
     if args.get(1).map(String::as_str) == Some(disk_keys::DISK_ARG) {

@@ -511,7 +511,13 @@ fn start_chat(
         }
     };
     let svc = chatclient::service(&user, client, &config, term, lang);
-    match crate::supervisor::spawn_on_terminal(&svc, &ctx.netns, &ctx.new_root, &ctx.hostname, fds) {
+    match crate::supervisor::spawn_on_terminal(
+        &svc,
+        Some(ctx.netns.clone()),
+        &ctx.new_root,
+        &ctx.hostname,
+        fds,
+    ) {
         Ok((pid, out)) => {
             note(&format!("cloister: chat started for {} (pid {pid})", user.name));
             conn.chat = Some(Running { job: Job { pid: Some(pid), out }, started: false });

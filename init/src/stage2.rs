@@ -101,6 +101,11 @@ fn prepare(say: &dyn Fn(&str)) -> Prepared {
     if let Some(up) = uplink.as_ref().filter(|u| u.mode == NetworkMode::Dhcp) {
         plan.services.insert(0, network::dhcp_service(up, Path::new(cloister_proto::STAGE2_PATH)));
     }
+    // The admins' way in without a network: a login on every console.
+    if let Some(accounts) = plan.chat.as_ref().and_then(|c| c.accounts.as_ref()) {
+        let exe = Path::new(cloister_proto::STAGE2_PATH);
+        plan.services.extend(crate::console_login::services(&Cmdline::read().consoles(), accounts, exe));
+    }
     // Not fatal: without a host key sshd fails alone and says why. The supervisor shows it.
     let host_key = plan.chat.as_ref().and_then(|chat| {
         steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)).ok()

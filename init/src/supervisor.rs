@@ -428,11 +428,20 @@ impl<'a> Supervisor<'a> {
                 return;
             }
         };
-        match spawn(&self.units[i].svc, netns, &self.run_dir.join("root"), &self.plan.hostname) {
+        let root = self.run_dir.join("root");
+        let svc = &self.units[i].svc;
+        let spawned = match &svc.terminal {
+            Some(tty) => open_terminal(tty)
+                .and_then(|fds| spawn_on_terminal(svc, netns, &root, &self.plan.hostname, fds))
+                .map(|(pid, status)| (pid, None, status)),
+            None => spawn(svc, netns, &root, &self.plan.hostname)
+                .map(|(pid, log, status)| (pid, Some(log), status)),
+        };
+        match spawned {
             Ok((pid, log, status)) => {
                 let unit = &mut self.units[i];
                 unit.pid = Some(pid);
-                unit.log = Some(log);
+                unit.log = log;
                 unit.status = Some(status);
                 unit.state = State::Starting;
                 unit.started = Instant::now();
@@ -650,7 +659,7 @@ impl<'a> Supervisor<'a> {
             }
             return (self.start_job(client, &request, &secrets), None);
         }
-        let request = match control::parse(line) {
+        let request = match control::parse(line).and_then(|r| own_account(r, client.uid)) {
             Ok(r) => r,
             Err(e) => {
                 reply(client, &json!({"ok": false, "error": e}));
@@ -808,6 +817,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn status(&self) -> serde_json::Value {
+        let procs = crate::memory::processes(Path::new("/proc"));
         let services: Vec<serde_json::Value> = self
             .units
             .iter()
@@ -817,6 +827,7 @@ impl<'a> Supervisor<'a> {
                     "state": u.state.name(),
                     "pid": u.pid.map(|p| p.as_raw()),
                     "restarts": u.restarts,
+                    "memory": u.pid.map(|p| crate::memory::tree(&procs, p.as_raw()).to_json()),
                 })
             })
             .collect();
@@ -826,6 +837,7 @@ impl<'a> Supervisor<'a> {
             "steps": self.steps,
             "services": services,
             "network": self.network.as_ref().map(|f| f()),
+            "memory": crate::memory::status(&procs),
         })
     }
 
@@ -913,6 +925,16 @@ fn reply(client: &mut Client, value: &serde_json::Value) {
     let _ = writeln!(client.stream, "{value}");
 }
 
+/// A request about the caller's own account gets the caller's login name (from SO_PEERCRED's
+/// uid, never from the request): one must be an admin account for it.
+fn own_account(request: Request, uid: Option<u32>) -> Result<Request, String> {
+    let Request::Account(Change::AdminConsolePassword { .. }) = request else { return Ok(request) };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = uid.and_then(|uid| crate::chatclient::login_name(&passwd, uid).filter(|_| uid != 0));
+    let name = name.ok_or("console-password sets an admin account's own console password")?;
+    Ok(Request::Account(Change::AdminConsolePassword { name }))
+}
+
 /// What a control request says in the log: the change and its account's name, nothing else.
 fn describe(request: &Request) -> String {
     let change = match request {
@@ -936,6 +958,7 @@ fn describe(request: &Request) -> String {
         }
         Change::AdminAdd { name, .. } => format!("admin add {name}"),
         Change::AdminRemove { name } => format!("admin remove {name}"),
+        Change::AdminConsolePassword { name } => format!("console-password {name}"),
     }
 }
 
@@ -980,17 +1003,33 @@ fn spawn(
     Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?, status))
 }
 
-/// Starts the launch chain for `svc` on a user's terminal (`fds`: its stdin, stdout, stderr);
-/// returns the launcher's pid (also its process group) and its status pipe.
+/// Starts the launch chain for `svc` on a terminal (`fds`: its stdin, stdout, stderr): a
+/// user's, or a console; returns the launcher's pid (also its process group) and its status
+/// pipe.
 pub fn spawn_on_terminal(
     svc: &Service,
-    netns: &Path,
+    netns: Option<PathBuf>,
     new_root: &Path,
     hostname: &str,
     fds: [std::os::fd::OwnedFd; 3],
 ) -> Result<(Pid, Lines), String> {
-    let launch = Launch::new(svc, Some(netns.to_path_buf()), new_root, hostname, true);
+    let launch = Launch::new(svc, netns, new_root, hostname, true);
     spawn_chain(launch, fds.map(Stdio::from))
+}
+
+/// A console opened three times over, for a service's stdin, stdout and stderr; never PID 1's
+/// controlling terminal.
+fn open_terminal(tty: &Path) -> Result<[std::os::fd::OwnedFd; 3], String> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOCTTY)
+            .open(tty)
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|e| format!("{}: {e}", tty.display()))
+    };
+    Ok([open()?, open()?, open()?])
 }
 
 /// `cloister-init <mode> <args>` as a child in a process group of its own, `input` on its

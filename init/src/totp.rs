@@ -173,11 +173,6 @@ fn parse(text: &str) -> Option<Enrolment> {
     Some(Enrolment { secret: secret?, last_step })
 }
 
-/// What a person typed as a code: digits, perhaps grouped with spaces as apps show them.
-pub fn normalise_code(typed: &str) -> String {
-    typed.chars().filter(|c| !c.is_ascii_whitespace()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +220,6 @@ mod tests {
         for bad in ["", "08180", "0818045", "08180a", "+81804", " 81804", "٠٨١٨٠٤"] {
             assert_eq!(secret.judge(bad, 1_111_111_109, None), Verdict::Wrong, "{bad:?}");
         }
-        assert_eq!(normalise_code(" 081 804\t"), "081804");
     }
 
     #[test]

@@ -109,7 +109,9 @@ fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> 
     let mismatches = compare_tree(mount.path(), &listing)?;
     let missing = unresolved_libraries(mount.path())?;
     let ld_cache = ld_so_cache_lists(&mount.path().join("etc/ld.so.cache"), "libcryptsetup.so.12");
+    let sshd = sshd_as_configured(mount.path(), &dir);
     drop(mount);
+    sshd?;
     let ld_cache = ld_cache?;
     ensure!(
         ld_cache.contains("=> /lib/x86_64-linux-gnu/libcryptsetup.so.12")
@@ -125,6 +127,82 @@ fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> 
     );
     ensure!(listing.len() > 1000, "suspiciously small root: {} entries", listing.len());
     std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// The image's own sshd (Debian's) reading the image's own sshd_config, for a chat user and for
+/// an admin (`sshd -T -C`, chrooted into the decrypted root, in a mount namespace of its own
+/// with a throw-away host key): what the appliance's sshd really does, whatever the file says.
+/// The forwardings a client cannot see refused (the agent's above all) are checked here.
+fn sshd_as_configured(root: &Path, dir: &Path) -> Result<()> {
+    let key = dir.join("hostkey");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key))?;
+    let effective = |who: &str| -> Result<BTreeMap<String, String>> {
+        let script = format!(
+            "set -e; mount -t tmpfs none {r}/run; mkdir -p {r}/run/sshd; mount -t tmpfs none {r}/tmp; \
+             mount -t tmpfs none {r}/dev; touch {r}/dev/null; mount --bind /dev/null {r}/dev/null; \
+             cp {k} {r}/tmp/hostkey; exec chroot {r} /usr/sbin/sshd -T -f /etc/ssh/sshd_config \
+             -h /tmp/hostkey -C user={who},host=x.onion,addr=127.0.0.1",
+            r = root.display(),
+            k = key.display()
+        );
+        let out =
+            run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]))?;
+        ensure!(out.status.success(), "sshd -T for {who}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(stdout(&out)
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect())
+    };
+    let want = |config: &BTreeMap<String, String>, who: &str, pairs: &[(&str, &str)]| -> Result<()> {
+        for (key, value) in pairs {
+            let got = config.get(*key).map(String::as_str);
+            ensure!(got == Some(*value), "sshd -T for {who}: {key} is {got:?}, not {value:?}");
+        }
+        Ok(())
+    };
+    let chat = effective("bob")?;
+    want(
+        &chat,
+        "bob",
+        &[
+            ("allowagentforwarding", "no"),
+            ("allowtcpforwarding", "no"),
+            ("allowstreamlocalforwarding", "no"),
+            ("disableforwarding", "yes"),
+            ("x11forwarding", "no"),
+            ("permittunnel", "no"),
+            ("permitopen", "none"),
+            ("permitlisten", "none"),
+            ("gatewayports", "no"),
+            ("permituserenvironment", "no"),
+            ("permituserrc", "no"),
+            ("permitrootlogin", "no"),
+            ("usepam", "no"),
+            ("maxauthtries", "3"),
+            ("maxsessions", "1"),
+            ("logingracetime", "30"),
+            ("printmotd", "no"),
+            ("printlastlog", "no"),
+            ("versionaddendum", "none"),
+            ("usedns", "no"),
+            ("listenaddress", "127.0.0.1:22"),
+            ("ciphers", "chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com"),
+        ],
+    )?;
+    ensure!(!chat.contains_key("subsystem"), "sshd offers a subsystem: {:?}", chat.get("subsystem"));
+    let admin = effective("ops")?;
+    want(
+        &admin,
+        "ops",
+        &[
+            ("authenticationmethods", "publickey"),
+            ("passwordauthentication", "no"),
+            ("pubkeyauthentication", "yes"),
+            ("allowagentforwarding", "no"),
+            ("disableforwarding", "yes"),
+        ],
+    )?;
     Ok(())
 }
 

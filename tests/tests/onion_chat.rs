@@ -19,6 +19,8 @@ use cloister_tests::*;
 
 #[path = "onion_chat/admin.rs"]
 mod admin;
+#[path = "onion_chat/console.rs"]
+mod console;
 #[path = "onion_chat/disk.rs"]
 mod disk;
 #[path = "onion_chat/totp.rs"]
@@ -52,9 +54,11 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     let _udhcpd = start_udhcpd(&net.netns, &dir)?;
     // Everything the appliance sends, from its first frame to power off, is judged at the end.
     let capture = Capture::start(&net.netns)?;
+    let write_log = dir.join("writes.log");
     let config = VmConfig {
         cpus: 1,
         network: Network::Tap { netns: net.netns.clone(), tap: TAP.into(), mac: None },
+        write_log: Some(write_log.clone()),
         ..VmConfig::new(&disk, Firmware::find()?, &dir)
     };
     let vm = Vm::start(config)?;
@@ -80,11 +84,17 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    let result = scenarios(&ssh, &host_key).and_then(|()| {
-        timed("disk passphrases: refusals, add, remove, never the last", || {
-            disk::disk_passphrases(&ssh, &e2e.passphrase()?)
+    let result = scenarios(&ssh, &host_key)
+        .and_then(|()| {
+            timed("admin console: refusals, password, enrolment, password and code", || {
+                console::console_admin_entry(&vm, &ssh)
+            })
         })
-    });
+        .and_then(|()| {
+            timed("disk passphrases: refusals, add, remove, never the last", || {
+                disk::disk_passphrases(&ssh, &e2e.passphrase()?)
+            })
+        });
     // Test artifacts beside the other runs' (the scratch directory goes on success): what the
     // appliance printed, to read the timings and refusals from.
     let console_log = e2e.work.join("onion-chat-console.log");
@@ -94,6 +104,18 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     // switch destroys it.
     timed("the disk opens with the added passphrase only", || {
         disk::image_opens_with(&disk, &dir, &new_passphrase, &e2e.passphrase()?)
+    })?;
+    timed("every power-cut point of the passphrase changes opens with the old or the new", || {
+        let said = disk::every_cut_point_opens(
+            &write_log,
+            &e2e.image,
+            &disk,
+            &dir,
+            &e2e.passphrase()?,
+            &new_passphrase,
+        )?;
+        eprintln!("{said}");
+        Ok(())
     })?;
     let killed = timed("kill switch: keys destroyed, power off", || disk::kill_switch(&ssh, &vm));
     std::fs::write(&console_log, vm.console_text())?;
@@ -154,7 +176,14 @@ fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
         ensure!(!out.status.success() && !both(&out).contains("uid="), "sftp: {}", both(&out));
         Ok(())
     })?;
-    timed("local forwarding opens no channel", || local_forwarding_is_refused(ssh))?;
+    timed("local forwarding opens no channel", || {
+        forwarding_is_refused(ssh, ["-L", "127.0.0.1:7002:127.0.0.1:6667"], &[])
+    })?;
+    timed("dynamic (SOCKS) forwarding opens no channel", || {
+        // SOCKS 5: no authentication, then CONNECT 127.0.0.1:6667 (the gateway).
+        let socks: [&[u8]; 2] = [&[5, 1, 0], &[5, 1, 0, 1, 127, 0, 0, 1, 0x1a, 0x0b]];
+        forwarding_is_refused(ssh, ["-D", "127.0.0.1:7003"], &socks)
+    })?;
     timed("remote forwarding is refused", || {
         let opts = ["-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:7001:127.0.0.1:22", "-N"];
         let out = ssh.run("bob", &opts, &[], "")?;
@@ -358,12 +387,14 @@ fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
     Ok(())
 }
 
-/// `ssh -N -L` to the gateway: ssh listens on its side (inside the test namespace), but every
-/// connection to that port is turned away by sshd ("administratively prohibited"), so a client
-/// speaking IRC through it gets no welcome.
-fn local_forwarding_is_refused(ssh: &Ssh) -> Result<()> {
+/// `ssh -N -L` to the gateway, or `-D` with a SOCKS request for it: ssh listens on its side
+/// (inside the test namespace), but every connection to that port is turned away by sshd
+/// ("administratively prohibited"), so a client speaking IRC through it gets no welcome.
+fn forwarding_is_refused(ssh: &Ssh, forward: [&str; 2], preamble: &[&[u8]]) -> Result<()> {
+    // The port ssh listens on: the second field of `-L addr:port:host:port` or `-D addr:port`.
+    let port = forward[1].split(':').nth(1).context("a forwarding spec without a port")?;
     // INFO: ssh reports a refused channel ("open failed: administratively prohibited") there.
-    let opts = ["-o", "LogLevel=INFO", "-N", "-L", "127.0.0.1:7002:127.0.0.1:6667"];
+    let opts = ["-o", "LogLevel=INFO", "-N", forward[0], forward[1]];
     let mut fwd = ssh.command("bob", &opts, &[])?;
     let child = fwd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let mut fwd = KillOnDrop(child);
@@ -378,22 +409,33 @@ fn local_forwarding_is_refused(ssh: &Ssh) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let reply = loop {
         let mut nc = Command::new("ip")
-            .args(["netns", "exec", &ssh.net.netns, "busybox", "nc", "-w", "5", "127.0.0.1", "7002"])
+            .args(["netns", "exec", &ssh.net.netns, "busybox", "nc", "-w", "5", "127.0.0.1", port])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
         if let Some(mut stdin) = nc.stdin.take() {
+            // A SOCKS client waits for each answer before its next request; so does this one.
+            for (i, step) in preamble.iter().enumerate() {
+                let _ = stdin.write_all(step);
+                if i + 1 < preamble.len() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
             let _ = stdin.write_all(b"NICK probe\r\nUSER probe 0 * probe\r\n");
         }
         let out = nc.wait_with_output()?;
         if out.status.success() {
             break stdout(&out);
         }
-        ensure!(Instant::now() < deadline, "ssh -L never listened: {}", both(&out));
+        if Instant::now() >= deadline {
+            let _ = fwd.0.kill();
+            let said = said.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+            bail!("ssh {} never listened: {}; ssh said: {said}", forward[0], both(&out));
+        }
         std::thread::sleep(Duration::from_secs(2));
     };
-    ensure!(!reply.contains(" 001 ") && !reply.contains("Welcome"), "IRC through -L: {reply}");
+    ensure!(!reply.contains(" 001 ") && !reply.contains("Welcome"), "IRC through {}: {reply}", forward[0]);
     let _ = fwd.0.kill();
     let _ = fwd.0.wait();
     let said = said.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
@@ -450,12 +492,6 @@ fn passwd_dialogue(ssh: &Ssh, user: &str, answers: &[(&str, &String)]) -> Result
     t.send("exit\n")?;
     t.wait_for("bye", Duration::from_secs(60))?;
     Ok(t.text_since(0))
-}
-
-fn token() -> Result<String> {
-    let mut bytes = [0u8; 8];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// An interactive ssh session whose output is collected by a thread, for typing into irssi.
@@ -592,9 +628,9 @@ impl Ssh<'_> {
         Ok(both(&self.session(user, "exit\n")?).contains("bye"))
     }
 
-    /// The admin account tried with a password (whatever it is): sshd offers admins keys only.
-    fn password_login_as_admin(&self) -> Result<Output> {
-        std::fs::write(self.password_file(admin::ADMIN), "a guess at a password\n")?;
+    /// The admin account tried with `password`: sshd offers admins keys only.
+    fn password_login_as_admin(&self, password: &str) -> Result<Output> {
+        std::fs::write(self.password_file(admin::ADMIN), format!("{password}\n"))?;
         let child = self
             .command_with(admin::ADMIN, Auth::Password, &[], &["status"])?
             .stdin(Stdio::null())

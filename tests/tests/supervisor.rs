@@ -101,6 +101,7 @@ impl Scratch {
                 ready_timeout_ms: 10_000,
                 stop_grace_ms: 1000,
             },
+            terminal: None,
         }
     }
 

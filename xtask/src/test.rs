@@ -190,9 +190,14 @@ fn write_test_config(dir: &Path) -> Result<PathBuf> {
     }
     text.push_str("]\n");
     let key = admin_key(dir)?;
+    let console = random_passphrase()?;
+    let console = console.trim_end();
+    write_private(&dir.join(format!("console-{ADMIN}")), console.as_bytes())?;
     text.push_str(&format!(
-        "\n# Added by cargo xtask test: an admin whose key is {ADMIN_KEY} beside the image.\n\
-         [admin]\naccounts = [{{ name = \"{ADMIN}\", ssh_key = \"{key}\" }}]\n"
+        "\n# Added by cargo xtask test: an admin whose key is {ADMIN_KEY} and whose console password\n\
+         # is console-{ADMIN} beside the image.\n\
+         [admin]\naccounts = [{{ name = \"{ADMIN}\", ssh_key = \"{key}\", console_password_hash = \"{}\" }}]\n",
+        crypt_hash(console)?
     ));
     let config = dir.join("test-image.toml");
     std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;

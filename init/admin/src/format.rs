@@ -40,6 +40,7 @@ pub fn answer(words: &[&str], answer: &Value) -> String {
             "passphrase removed from {} disk container(s)",
             answer["removed"].as_array().map_or(0, Vec::len)
         ),
+        ["console-password"] => format!("console password set for {}", text(&answer["name"])),
         ["poweroff"] => "powering off".into(),
         ["reboot"] => "rebooting".into(),
         _ => "ok".into(),
@@ -89,16 +90,22 @@ fn accounts(kind: &str, list: &Value) -> String {
     if rows.is_empty() {
         return format!("no {kind} accounts");
     }
-    let mut out =
-        format!("{:<32} {:>5} {:<6} {:<10} {:<4} {}", "NAME", "UID", "LOCKED", "EXPIRES", "TOTP", "ONLINE");
+    // Admins have a console password or not; chat users have no such column.
+    let console = |r: &Value| r.get("console").map(|c| format!(" {:<7}", yes_no(c))).unwrap_or_default();
+    let header = if rows[0].get("console").is_some() { " CONSOLE" } else { "" };
+    let mut out = format!(
+        "{:<32} {:>5} {:<6} {:<10} {:<4}{header} {}",
+        "NAME", "UID", "LOCKED", "EXPIRES", "TOTP", "ONLINE"
+    );
     for r in rows {
         out.push_str(&format!(
-            "\n{:<32} {:>5} {:<6} {:<10} {:<4} {}",
+            "\n{:<32} {:>5} {:<6} {:<10} {:<4}{} {}",
             text(&r["name"]),
             r["uid"],
             yes_no(&r["locked"]),
             r["expires"].as_str().unwrap_or("never"),
             yes_no(&r["totp"]),
+            console(&r),
             yes_no(&r["logged_in"]),
         ));
     }
@@ -110,16 +117,29 @@ fn status(answer: &Value) -> String {
     let mut out = format!("up {}h {:02}m {:02}s", secs / 3600, secs / 60 % 60, secs % 60);
     for s in answer["services"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "\n  {:<16} {:<9} restarts {}",
+            "\n  {:<16} {:<9} restarts {:<3} {}",
             text(&s["name"]),
             text(&s["state"]),
-            s["restarts"]
+            s["restarts"],
+            mib(&s["memory"]["pss_kib"]).map(|m| format!("{m} MiB")).unwrap_or_default(),
+        ));
+    }
+    let total = &answer["memory"]["total"];
+    if let (Some(pss), Some(rss)) = (mib(&total["pss_kib"]), mib(&total["rss_kib"])) {
+        out.push_str(&format!(
+            "\nmemory: {pss} MiB in {} processes (resident: {rss} MiB)",
+            total["processes"]
         ));
     }
     if !answer["network"].is_null() {
         out.push_str(&format!("\nnetwork: {}", answer["network"]));
     }
     out
+}
+
+/// KiB as MiB with one decimal.
+fn mib(kib: &Value) -> Option<String> {
+    kib.as_u64().map(|k| format!("{:.1}", k as f64 / 1024.0))
 }
 
 fn lines(list: &Value) -> String {
@@ -161,6 +181,20 @@ mod tests {
         assert!(rows[1].starts_with("alice") && rows[1].ends_with("no     never      yes  yes"), "{t}");
         assert!(rows[2].contains("b?[2J") && rows[2].contains("2027-01-31"), "{t}");
         assert_eq!(answer(&["admin", "list"], &json!({"accounts": []})), "no admin accounts");
+    }
+
+    #[test]
+    fn status_shows_each_service_and_the_memory_taken() {
+        let status = json!({"ok": true, "uptime_ms": 3_723_000, "services": [
+            {"name": "tor", "state": "ready", "restarts": 0, "memory": {"processes": 3, "rss_kib": 51200, "pss_kib": 40960}},
+            {"name": "crasher", "state": "failed", "restarts": 3, "memory": null},
+        ], "memory": {"total": {"processes": 40, "rss_kib": 204800, "pss_kib": 102400}}});
+        let t = answer(&["status"], &status);
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(rows[0], "up 1h 02m 03s");
+        assert!(rows[1].contains("tor") && rows[1].ends_with("40.0 MiB"), "{t}");
+        assert!(rows[2].contains("failed") && !rows[2].contains("MiB"), "{t}");
+        assert_eq!(rows[3], "memory: 100.0 MiB in 40 processes (resident: 200.0 MiB)");
     }
 
     #[test]

@@ -34,7 +34,7 @@ const DISK_ANSWER_TIMEOUT: Duration = Duration::from_secs(330);
 const HELP: &str = "\
 commands:
   show                                the onion address and ssh host key, as text and QR codes
-  status                              services, network, uptime
+  status [--json]                     services, memory, network, uptime (--json: as PID 1 says it)
   log                                 the newest lines of the appliance's log
   user list                           chat users, locked, expiry, second factor, logged in
   user add <name>                     add a chat user with a generated password (shown once)
@@ -48,6 +48,7 @@ commands:
   admin remove <name>                 never the last one
   admin reset-totp <name>             drop an admin's second factor
   totp enrol                          two-factor login for your account: scan, type a code back
+  console-password                    set your password for the appliance's own console (twice)
   disk passphrase add                 current passphrase, then a new one twice (or 3 lines on stdin)
   disk passphrase remove              never the last one of a disk
   kill-system                         destroy the disk's keys and power off (asks twice)
@@ -228,6 +229,12 @@ fn run(socket: &Path, line: &str) -> Result<String, String> {
             Ok(format::added(&answer))
         }
         ["show"] => Ok(format::identity(&request(socket, "identity", None)?)),
+        // For scripts (the benchmark): PID 1's answer as it came.
+        ["status", "--json"] => Ok(request(socket, "status", None)?.to_string()),
+        ["console-password"] => {
+            let password = ask_new_password("the console")?;
+            Ok(format::answer(&words, &request(socket, "console-password", Some(&password))?))
+        }
         ["kill-system"] => kill_system(socket),
         ["disk", "passphrase", "add"] => {
             let current = ask_secret("current disk passphrase: ")?;
@@ -282,13 +289,35 @@ fn ask_line(prompt: &str) -> Result<String, String> {
 }
 
 /// A secret typed without echo on the terminal, or the next line of stdin when there is none.
+/// A secret typed without echo on the terminal, or the next line of stdin when there is none.
 fn ask_secret(prompt: &str) -> Result<Zeroizing<String>, String> {
-    match rpassword::prompt_password(prompt) {
-        Ok(p) => Ok(Zeroizing::new(p)),
-        Err(_) => read_bounded_line(&mut std::io::stdin().lock())?
-            .map(Zeroizing::new)
-            .ok_or_else(|| "no input for a secret".to_string()),
+    if let Ok(p) = rpassword::prompt_password(prompt) {
+        return Ok(Zeroizing::new(p));
     }
+    if std::io::stdin().is_terminal() {
+        return secret_from_stdin_terminal(prompt);
+    }
+    read_bounded_line(&mut std::io::stdin().lock())?
+        .map(Zeroizing::new)
+        .ok_or_else(|| "no input for a secret".to_string())
+}
+
+/// On the appliance's console the CLI has a terminal on stdin but no controlling one (no
+/// /dev/tty), and may not open the console anew (it is root's): echo goes off on stdin
+/// itself, and comes back whatever happens.
+fn secret_from_stdin_terminal(prompt: &str) -> Result<Zeroizing<String>, String> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).map_err(|e| format!("terminal: {e}"))?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    tcsetattr(&stdin, SetArg::TCSAFLUSH, &quiet).map_err(|e| format!("terminal: {e}"))?;
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let line = read_bounded_line(&mut stdin.lock());
+    let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
+    eprintln!();
+    line?.map(Zeroizing::new).ok_or_else(|| "no input for a secret".to_string())
 }
 
 /// A chosen password, typed twice without echo on the terminal (or two lines of stdin when

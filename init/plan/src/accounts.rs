@@ -47,6 +47,9 @@ pub const ADMIN_GROUP: &str = "cloister-admin";
 pub const CHAT_GROUP: &str = "chat";
 /// Second factors (TOTP secrets), one file per uid, root's only (`init/src/totp.rs`).
 pub const TOTP_DIR: &str = "/var/lib/cloister/totp";
+/// Admins' console passwords, `<login>:<crypt hash>` a line, root's only (0600): apart from
+/// /etc/shadow, so that nothing that reads shadow (sshd) could ever take them.
+pub const CONSOLE_PASSWORDS: &str = "/etc/cloister/console-passwords";
 /// The control socket's directory: root and the admin group only (0750).
 pub const ADMIN_SOCKET_DIR: &str = "/run/cloister/admin";
 

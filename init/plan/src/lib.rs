@@ -194,6 +194,10 @@ pub struct Service {
     pub after: Vec<String>,
     pub ready: Readiness,
     pub restart: Restart,
+    /// Runs on this terminal (its stdin, stdout and stderr) instead of the journal's pipes:
+    /// PID 1's own console login for admins. Services from the config never have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +380,7 @@ mod tests {
             after: vec![],
             ready: Readiness::Tcp("127.0.0.1:6667".parse().unwrap()),
             restart: Restart::default(),
+            terminal: None,
         }
     }
 

@@ -180,6 +180,7 @@ pub fn dhcp_service(uplink: &Uplink, exe: &Path) -> Service {
         after: Vec::new(),
         ready: Readiness::Started,
         restart: Restart { initial_delay_ms: 1000, ..Restart::default() },
+        terminal: None,
     }
 }
 

@@ -112,7 +112,7 @@ pub fn admin_refusals(ssh: &Ssh) -> Result<()> {
     // bob: alice's password changed in the passwd scenario.
     let out = ssh.run("bob", &[], &["user", "list"], "")?;
     ensure!(both(&out).contains("this account is for chat only"), "bob: {}", both(&out));
-    let out = ssh.password_login_as_admin()?;
+    let out = ssh.password_login_as_admin("a guess at a password")?;
     ensure!(!out.status.success() && !both(&out).contains("admin> "), "password login: {}", both(&out));
     Ok(())
 }

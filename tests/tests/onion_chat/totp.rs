@@ -88,19 +88,39 @@ pub fn admin_two_factor_login(ssh: &Ssh) -> Result<()> {
 }
 
 /// An authenticator app holding one secret, and the newest step it gave a code of.
-struct App {
+pub struct App {
     totp: totp_rs::Totp,
     last_step: u64,
 }
 
 impl App {
-    fn code_at(&self, at: u64) -> String {
+    /// Scans the QR code of an enrolment shown in `shown` (a terminal's or the console's text)
+    /// for `account`, checking that the key typed out beside it is the QR code's.
+    pub fn from_enrolment(shown: &str, account: &str) -> Result<App> {
+        let uri = cloister_tests::qr::after_marker(shown, "scan this QR code")
+            .with_context(|| format!("no readable QR code:\n{}", tail(shown)))?;
+        let key = uri
+            .strip_prefix(&format!("otpauth://totp/Cloister:{account}?secret="))
+            .with_context(|| format!("not a TOTP URI for {account}: {uri}"))?;
+        let typed =
+            shown.lines().rev().find_map(|l| l.split("or type this key into it: ").nth(1)).unwrap_or("");
+        ensure!(typed.trim_end().replace(' ', "") == key, "the key shown ({typed}) is not the QR code's");
+        let bytes: [u8; 20] = data_encoding::BASE32_NOPAD
+            .decode(key.as_bytes())?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the secret is not 160 bits"))?;
+        // The code of the step in which it was enrolled is what the first one types back.
+        let last_step = unix_now()? / STEP - 1;
+        Ok(App { totp: totp_rs::Builder::new().with_secret(bytes).build()?, last_step })
+    }
+
+    pub fn code_at(&self, at: u64) -> String {
         self.totp.generate(at).to_string()
     }
 
     /// A code the appliance has not taken yet: the current step's, or the next one's (which
     /// it takes too: one step of drift) when the current one was used; past that, it waits.
-    fn next_code(&mut self) -> Result<String> {
+    pub fn next_code(&mut self) -> Result<String> {
         let step = (unix_now()? / STEP).max(self.last_step + 1);
         while unix_now()? / STEP + 1 < step {
             std::thread::sleep(Duration::from_millis(500));
@@ -115,21 +135,8 @@ impl App {
 /// first code typed back.
 fn enrol_on(t: &Terminal, prompt: &str, account: &str) -> Result<App> {
     t.wait_for(prompt, Duration::from_secs(60))?;
-    let shown = t.text_since(0);
-    let uri = cloister_tests::qr::after_marker(&shown, "scan this QR code")
-        .with_context(|| format!("no readable QR code:\n{}", tail(&shown)))?;
-    let key = uri
-        .strip_prefix(&format!("otpauth://totp/Cloister:{account}?secret="))
-        .with_context(|| format!("not a TOTP URI for {account}: {uri}"))?;
-    let typed = shown.lines().find_map(|l| l.split("or type this key into it: ").nth(1)).unwrap_or("");
-    ensure!(typed.trim_end().replace(' ', "") == key, "the key shown ({typed}) is not the QR code's");
-    let bytes: [u8; 20] = data_encoding::BASE32_NOPAD
-        .decode(key.as_bytes())?
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("the secret is not 160 bits"))?;
-    let now = unix_now()?;
-    let app = App { totp: totp_rs::Builder::new().with_secret(bytes).build()?, last_step: now / STEP };
-    t.send(&format!("{}\n", app.code_at(now)))?;
+    let mut app = App::from_enrolment(&t.text_since(0), account)?;
+    t.send(&format!("{}\n", app.next_code()?))?;
     t.wait_for("two-factor login is on", Duration::from_secs(60))?;
     Ok(app)
 }

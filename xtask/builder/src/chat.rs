@@ -157,6 +157,15 @@ fn admin_accounts(config: &Config, tree: &mut Tree) -> Result<()> {
             (node.mode, node.uid, node.gid) = (0o755, 0, 0);
         }
     }
+    let console: String = config
+        .admin
+        .accounts
+        .iter()
+        .filter_map(|a| Some(format!("{}:{}\n", a.name, a.console_password_hash.as_deref()?)))
+        .collect();
+    let rel = accounts::CONSOLE_PASSWORDS.trim_start_matches('/');
+    tree.remove(Path::new(rel));
+    tree.write_file(rel, console.as_bytes(), Node::file(0o600))?;
     for (a, uid) in config.admin.accounts.iter().zip(FIRST_ADMIN_UID..) {
         let key = accounts::check_admin_key(&a.ssh_key)
             .map_err(|why| anyhow::anyhow!("admin.accounts: {}: {why}", a.name))?;

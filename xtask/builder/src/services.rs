@@ -201,6 +201,7 @@ fn resolve_service(name: &str, sc: &ServiceConfig, acc: &Accounts, tree: &mut Tr
         after: sc.after.clone(),
         ready: sc.ready.0.clone(),
         restart: sc.restart,
+        terminal: None,
     })
 }
 
