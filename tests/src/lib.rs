@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod qr;
+pub mod rawframe;
 pub mod tools;
 pub mod tornet;
 pub mod writelog;
