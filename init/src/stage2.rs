@@ -107,8 +107,9 @@ fn prepare(say: &dyn Fn(&str)) -> Prepared {
     let firewall = machine.map_err(|e| e.to_string()).and_then(|()| {
         steps.run("firewall", || firewall_step(&plan.firewall)).map_err(|e| format!("firewall: {e}"))
     });
-    if let Err(e) = firewall {
-        return held(plan, &steps, None, &e);
+    match firewall {
+        Ok(t) => say(&format!("cloister: firewall: {t}")),
+        Err(e) => return held(plan, &steps, None, &e),
     }
     // Not finding an interface is not fatal: the appliance then has no network.
     let link = steps.run("uplink", || network::find_step(&plan.firewall, say)).ok().flatten();
@@ -117,8 +118,9 @@ fn prepare(say: &dyn Fn(&str)) -> Prepared {
     if let Some(link) = link {
         // Fail closed: the link stays down and nothing starts.
         let name = link.name.clone();
-        if let Err(e) = steps.run("uplink-firewall", || crate::firewall::uplink_step(&plan.firewall, &name)) {
-            return held(plan, &steps, firewall_uplink, &format!("uplink-firewall: {e}"));
+        match steps.run("uplink-firewall", || crate::firewall::uplink_step(&plan.firewall, &name)) {
+            Ok(t) => say(&format!("cloister: uplink firewall on {name}: {t}")),
+            Err(e) => return held(plan, &steps, firewall_uplink, &format!("uplink-firewall: {e}")),
         }
         // A failure leaves the uplink down; the services start (they have no network).
         uplink = steps.run("network", || network::up_step(link, &plan.network, &plan.firewall)).ok();

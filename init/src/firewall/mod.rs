@@ -50,6 +50,14 @@ pub struct Timing {
     pub read_back: Duration,
 }
 
+/// `apply 3.1 ms, read back 0.9 ms`: the console line after each firewall step.
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(f, "apply {:.1} ms, read back {:.1} ms", ms(self.apply), ms(self.read_back))
+    }
+}
+
 /// Where `ip netns` pins named namespaces.
 const NAMED_NETNS_DIR: &str = "/run/netns";
 
@@ -200,20 +208,20 @@ const MODULES: [&str; 5] = ["nf_tables", "nft_ct", "nft_limit", "nft_log", "nf_l
 
 /// Stage 2's firewall step; an error holds every service back. A module that fails to load is
 /// not an error by itself: if the ruleset then cannot be applied or read back, that is.
-pub fn firewall_step(plan: &FirewallPlan) -> Result<(), String> {
+pub fn firewall_step(plan: &FirewallPlan) -> Result<Timing, String> {
     if let Ok(dir) = crate::kmod::modules_dir() {
         for name in MODULES {
             let _ = crate::kmod::load_by_name(&dir, name);
         }
     }
-    apply_and_verify(plan, None).map(|_| ()).map_err(|e| e.to_string())
+    apply_and_verify(plan, None).map_err(|e| e.to_string())
 }
 
 /// Stage 2's `uplink-firewall` step, once the uplink is found and while it is still down: the
 /// `inet` table again, now naming the uplink, and the uplink's egress table, in one batch,
 /// read back and compared. An error keeps the uplink down and holds every service back.
-pub fn uplink_step(plan: &FirewallPlan, uplink: &str) -> Result<(), String> {
-    apply_and_verify(plan, Some(uplink)).map(|_| ()).map_err(|e| e.to_string())
+pub fn uplink_step(plan: &FirewallPlan, uplink: &str) -> Result<Timing, String> {
+    apply_and_verify(plan, Some(uplink)).map_err(|e| e.to_string())
 }
 
 /// `--firewall-apply|--firewall-verify <plan.json> [uplink]` in the current network namespace

@@ -246,9 +246,7 @@ pub fn run_mode(plan: Option<&String>) -> ! {
     let say = |s: &str| println!("{s}");
     let mut steps = crate::system::Steps::new(say);
     let fw = &plan.firewall;
-    let timed = |t: crate::firewall::Timing| {
-        say(&format!("firewall: apply {} us, read back {} us", t.apply.as_micros(), t.read_back.as_micros()))
-    };
+    let timed = |t: crate::firewall::Timing| say(&format!("firewall: {t}"));
     let mut uplink_name = None;
     let mut uplink = None;
     let ok = steps.run("firewall", || crate::firewall::apply_and_verify(fw, None).map(timed)).is_ok()
