@@ -49,9 +49,13 @@ pub fn run() -> ! {
         say(&format!("cloister: {e}"));
     }
     let buttons = open_power_buttons(&say);
-    let (plan, steps, uplink, host_key) = prepare(&say);
+    let Prepared { plan, steps, uplink, firewall_uplink, host_key } = prepare(&say);
+    let firewall_plan = plan.firewall.clone();
     let mut sup = Supervisor::new(plan, Path::new(RUN_DIR), &say, steps);
     sup.set_network_status(Box::new(move || network::status(uplink.as_ref())));
+    sup.set_firewall_status(Box::new(move || {
+        crate::firewall::status(&firewall_plan, firewall_uplink.as_deref())
+    }));
     if let Some(key) = host_key {
         sup.show_host_key(key);
     }
@@ -70,34 +74,57 @@ pub fn run() -> ! {
     shutdown(&consoles, ending)
 }
 
-/// What stage 2 prepared for the supervisor: the plan, the steps' records, the uplink and
-/// sshd's host key.
-type Prepared = (Plan, Vec<StepRecord>, Option<network::Uplink>, Option<crate::chat::HostKey>);
+/// What stage 2 prepared for the supervisor.
+struct Prepared {
+    /// Without services when a fail-closed step failed.
+    plan: Plan,
+    steps: Vec<StepRecord>,
+    /// The uplink as the network step left it (up), for `status` and the DHCP client.
+    uplink: Option<network::Uplink>,
+    /// The uplink the firewall's tables were meant to name, once it was found: what `status`
+    /// compares the live tables with.
+    firewall_uplink: Option<String>,
+    /// sshd's host key.
+    host_key: Option<crate::chat::HostKey>,
+}
 
-/// The machine steps, then the firewall; if any of them fails no service may start, so the
-/// plan comes back without services (fail closed) and the console says why.
+/// The machine steps, then the firewall, then the uplink behind its own firewall; if any
+/// fail-closed step fails no service may start, so the plan comes back without services and
+/// the console says why.
 fn prepare(say: &dyn Fn(&str)) -> Prepared {
     let mut steps = Steps::new(say);
+    let held = |mut plan: Plan, steps: &Steps, firewall_uplink, e: &str| {
+        say(&format!("{}: {e}", marker::SERVICES_HELD));
+        plan.services.clear();
+        Prepared { plan, steps: steps.records().to_vec(), uplink: None, firewall_uplink, host_key: None }
+    };
     let mut plan = match Plan::load(Path::new(PLAN_PATH)) {
         Ok(plan) => plan,
-        Err(e) => {
-            say(&format!("{}: {e}", marker::SERVICES_HELD));
-            return (empty_plan(), steps.records().to_vec(), None, None);
-        }
+        Err(e) => return held(empty_plan(), &steps, None, &e.to_string()),
     };
     let machine =
         system::machine_steps(&mut steps, &plan.hostname, plan.build_time_unix, Path::new(STATE_DIR));
-    let firewall = machine
-        .map_err(|e| e.to_string())
-        .and_then(|()| steps.run("firewall", || firewall_step(&plan.firewall)));
-    if let Err(e) = firewall {
-        say(&format!("{}: {e}", marker::SERVICES_HELD));
-        plan.services.clear();
-        return (plan, steps.records().to_vec(), None, None);
+    let firewall = machine.map_err(|e| e.to_string()).and_then(|()| {
+        steps.run("firewall", || firewall_step(&plan.firewall)).map_err(|e| format!("firewall: {e}"))
+    });
+    match firewall {
+        Ok(t) => say(&format!("cloister: firewall: {t}")),
+        Err(e) => return held(plan, &steps, None, &e),
     }
-    // Only behind a verified firewall; a failure leaves the uplink down, the services start.
-    let uplink =
-        steps.run("network", || network::network_step(&plan.network, &plan.firewall, say)).ok().flatten();
+    // Not finding an interface is not fatal: the appliance then has no network.
+    let link = steps.run("uplink", || network::find_step(&plan.firewall, say)).ok().flatten();
+    let firewall_uplink = link.as_ref().map(|l| l.name.clone());
+    let mut uplink = None;
+    if let Some(link) = link {
+        // Fail closed: the link stays down and nothing starts.
+        let name = link.name.clone();
+        match steps.run("uplink-firewall", || crate::firewall::uplink_step(&plan.firewall, &name)) {
+            Ok(t) => say(&format!("cloister: uplink firewall on {name}: {t}")),
+            Err(e) => return held(plan, &steps, firewall_uplink, &format!("uplink-firewall: {e}")),
+        }
+        // A failure leaves the uplink down; the services start (they have no network).
+        uplink = steps.run("network", || network::up_step(link, &plan.network, &plan.firewall)).ok();
+    }
     if let Some(up) = uplink.as_ref().filter(|u| u.mode == NetworkMode::Dhcp) {
         plan.services.insert(0, network::dhcp_service(up, Path::new(cloister_proto::STAGE2_PATH)));
     }
@@ -110,7 +137,7 @@ fn prepare(say: &dyn Fn(&str)) -> Prepared {
     let host_key = plan.chat.as_ref().and_then(|chat| {
         steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)).ok()
     });
-    (plan, steps.records().to_vec(), uplink, host_key)
+    Prepared { plan, steps: steps.records().to_vec(), uplink, firewall_uplink, host_key }
 }
 
 /// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of

@@ -112,6 +112,7 @@ pub struct Supervisor<'a> {
     chat_netns_failed: Option<String>,
     kmsg: Option<File>,
     network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
+    firewall: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
     /// The onion address, once shown on the console.
     onion: Option<String>,
     /// sshd's host key fingerprint, shown on the console after unlock.
@@ -142,6 +143,7 @@ impl<'a> Supervisor<'a> {
             chat_netns_failed: None,
             kmsg: None,
             network: None,
+            firewall: None,
             onion: None,
             host_key: None,
             sessions: None,
@@ -190,6 +192,11 @@ impl<'a> Supervisor<'a> {
     /// What `status` shows under "network", asked afresh on every request.
     pub fn set_network_status(&mut self, network: Box<dyn Fn() -> serde_json::Value + 'a>) {
         self.network = Some(network);
+    }
+
+    /// What `status` shows under "firewall", asked afresh (a read-back) on every request.
+    pub fn set_firewall_status(&mut self, firewall: Box<dyn Fn() -> serde_json::Value + 'a>) {
+        self.firewall = Some(firewall);
     }
 
     /// Also keep kernel messages in the journal (the appliance's own, not a host's).
@@ -364,7 +371,8 @@ impl<'a> Supervisor<'a> {
         }
         self.settled_said = true;
         let ms = self.born.elapsed().as_millis();
-        if self.units.iter().all(|u| u.state == State::Ready) {
+        // No services (a fail-closed step held them) is not "all ready".
+        if !self.units.is_empty() && self.units.iter().all(|u| u.state == State::Ready) {
             self.note(&format!("{} ({ms} ms in stage 2)", marker::ALL_READY));
         }
         if let Some(kib) = own_rss_kib() {
@@ -836,6 +844,7 @@ impl<'a> Supervisor<'a> {
             "uptime_ms": u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX),
             "steps": self.steps,
             "services": services,
+            "firewall": self.firewall.as_ref().map(|f| f()),
             "network": self.network.as_ref().map(|f| f()),
             "memory": crate::memory::status(&procs),
         })

@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod console;
 pub mod qr;
+pub mod rawframe;
 pub mod tools;
 pub mod tornet;
 pub mod writelog;
@@ -27,6 +28,9 @@ pub struct E2e {
     pub xtask: PathBuf,
     /// The package cache the test image was built with (warm), owned by nobody.
     pub cache: PathBuf,
+    /// The test image built again with `--test-break-firewall-check`, when the run's filter
+    /// selects the test that boots it (`CLOISTER_TEST_IMAGE_FAIL_CLOSED`).
+    pub fail_closed_image: Option<PathBuf>,
 }
 
 impl E2e {
@@ -45,6 +49,7 @@ impl E2e {
             init: var("CLOISTER_INIT_BIN"),
             xtask: var("CLOISTER_XTASK_BIN"),
             cache: var("CLOISTER_TEST_CACHE"),
+            fail_closed_image: std::env::var_os("CLOISTER_TEST_IMAGE_FAIL_CLOSED").map(PathBuf::from),
         };
         // With CLOISTER_E2E set, a missing path is a broken harness, not a reason to skip.
         assert!(me.image.is_file(), "CLOISTER_TEST_IMAGE {} is not a file", me.image.display());

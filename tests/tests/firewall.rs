@@ -305,3 +305,262 @@ fn firewall_verify_reports_a_changed_live_ruleset() -> Result<()> {
     ensure!(said.contains("chain output rule 15: unexpected"), "{said}");
     Ok(())
 }
+
+/// The same policy as [`REFERENCE_NFT`] once the uplink `UPLINK` is known: its name in the
+/// DHCP rules, and the uplink's egress table. The link-layer matches are written as raw
+/// payloads: nft's `ether type` would add a `meta iiftype` dependency, which has no input
+/// device to read at egress and never matches there.
+const UPLINK_REFERENCE_NFT: &str = r#"
+table inet cloister {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        iifname "lo" accept
+        meta nfproto ipv6 counter drop
+        ct state invalid drop
+        ct state established,related accept
+        iifname "UPLINK" udp sport 67 udp dport 68 accept
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-in: "
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-fwd: "
+    }
+    chain output {
+        type filter hook output priority filter; policy drop;
+        oifname "lo" accept
+        meta nfproto ipv6 counter drop
+        ct state invalid drop
+        ct state established,related accept
+        oifname "UPLINK" udp sport 68 udp dport 67 accept
+        udp dport 53 counter limit rate 10/minute burst 5 packets log prefix "cloister-dns: "
+        udp dport 53 drop
+        tcp dport 53 counter limit rate 10/minute burst 5 packets log prefix "cloister-dns: "
+        tcp dport 53 drop
+        meta skuid 4242 tcp dport 80 accept
+        meta skuid 4242 tcp dport 443 accept
+        meta skuid 4242 tcp dport 9001 accept
+        meta skuid 4242 tcp dport 9030 accept
+        counter limit rate 10/minute burst 5 packets log prefix "cloister-drop-out: "
+    }
+}
+table netdev cloister {
+    chain egress {
+        type filter hook egress device "UPLINK" priority filter; policy drop;
+        @ll,96,16 0x0806 accept
+        meta protocol ip @ll,96,16 0x0800 udp sport 68 udp dport 67 accept
+        meta protocol ip @ll,96,16 0x0800 tcp dport 80 accept
+        meta protocol ip @ll,96,16 0x0800 tcp dport 443 accept
+        meta protocol ip @ll,96,16 0x0800 tcp dport 9001 accept
+        meta protocol ip @ll,96,16 0x0800 tcp dport 9030 accept
+        counter drop
+    }
+}
+"#;
+
+/// A veth name unique to this process and `tag` (at most 15 bytes).
+fn veth(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+/// `nft list ruleset` with counters' values blanked: the text form, which (unlike nft 1.0.6's
+/// JSON) names a netdev chain's device.
+fn ruleset_text(ns: &TestNetns) -> Result<String> {
+    let text = ns.exec_text(&["nft", "list", "ruleset"])?;
+    Ok(text
+        .lines()
+        .map(|l| match l.find("counter packets ") {
+            Some(i) => {
+                let rest = &l[i + "counter packets ".len()..];
+                let after = rest.split_once(" bytes ").map(|(_, b)| b.split_once(' ').map_or("", |(_, t)| t));
+                format!("{}counter {}", &l[..i], after.unwrap_or(""))
+            }
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+#[test]
+fn uplink_tables_match_the_reference_nft_policy() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-uplink-reference") else { return Ok(()) };
+    let s = plan_file()?;
+    let ours = netns("upours")?;
+    let reference = netns("upref")?;
+    let dev = veth("fwu");
+    for ns in [&ours, &reference] {
+        ns.exec(&["ip", "link", "add", &dev, "type", "veth", "peer", "name", &format!("{dev}p")])?;
+    }
+    let init = host.init.to_string_lossy().into_owned();
+    let start = Instant::now();
+    let said = stdout(&ours.exec(&[&init, "--firewall-apply", &s.plan.to_string_lossy(), &dev])?);
+    eprintln!(
+        "firewall-uplink-reference: {} ({} ms with process start)",
+        said.trim(),
+        start.elapsed().as_millis()
+    );
+    ensure!(said.starts_with("firewall: applied and verified"), "{said}");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("reference.nft");
+    std::fs::write(&file, UPLINK_REFERENCE_NFT.replace("UPLINK", &dev))?;
+    reference.ensure_not_host()?;
+    reference.exec(&["nft", "-f", &file.to_string_lossy()])?;
+    let (a, b) = (normalise(&ruleset_json(&ours)?), normalise(&ruleset_json(&reference)?));
+    ensure!(a == b, "ours:\n{a:#}\nreference:\n{b:#}");
+    let (a, b) = (ruleset_text(&ours)?, ruleset_text(&reference)?);
+    ensure!(a == b, "ours:\n{a}\nreference:\n{b}");
+    ensure!(a.contains(&format!("hook egress device \"{dev}\"")), "{a}");
+    // The step's own verification, again and without changing anything.
+    ours.exec(&[&init, "--firewall-verify", &s.plan.to_string_lossy(), &dev])?;
+    Ok(())
+}
+
+/// The second batch (after the uplink is found) replaces the inet table atomically: when the
+/// kernel refuses it, the table the `firewall` step verified is still there, whole, and no
+/// egress table appeared. The refusal here: a device name longer than `IFNAMSIZ` - 1 (kernel
+/// 6.1 also refuses a device that does not exist, newer ones bind the name when it appears).
+#[test]
+fn a_refused_uplink_batch_leaves_the_verified_table_live() -> Result<()> {
+    let Some(host) = Host::from_env("firewall-uplink-refused") else { return Ok(()) };
+    let s = plan_file()?;
+    let ns = netns("uprefused")?;
+    let (init, plan) = (host.init.to_string_lossy().into_owned(), s.plan.to_string_lossy().into_owned());
+    apply(&ns, &host.init, &s.plan)?;
+    let before = normalise(&ruleset_json(&ns)?);
+    let out = ns.cmd(&[&init, "--firewall-apply", &plan, "nosuchdevice01234"]).output()?;
+    let said = stdout(&out);
+    ensure!(!out.status.success(), "a batch with an egress chain on a missing device was applied: {said}");
+    ensure!(said.contains("apply: kernel refused") && said.contains("chain egress"), "{said}");
+    ensure!(normalise(&ruleset_json(&ns)?) == before, "the refused batch changed the live ruleset");
+    let verified = stdout(&ns.exec(&[&init, "--firewall-verify", &plan])?);
+    ensure!(verified.trim() == "firewall: verified", "{verified}");
+    Ok(())
+}
+
+/// Packet sockets bypass the inet hooks; the egress table does not. From the appliance's
+/// namespace (both tables on `va`), raw frames: ARP, DHCP and TCP to a relay port reach the
+/// peer; UDP to port 53, TCP to another port, IPv6, and an IPv4 frame passed off as ARP
+/// (`skb->protocol` ARP) do not, and the egress counter counts them. Ordinary sockets still
+/// work as the inet table says.
+#[test]
+fn egress_drops_raw_frames_the_inet_table_never_sees() -> Result<()> {
+    use cloister_tests::capture::{mac_of, Capture};
+    use cloister_tests::rawframe::{self, RawSocket, ETH_ARP, ETH_IPV4, ETH_IPV6};
+    let Some(host) = Host::from_env("firewall-egress-raw") else { return Ok(()) };
+    let s = plan_file()?;
+    let app = netns("rawapp")?;
+    let peer = netns("rawpeer")?;
+    let (va, vp) = (veth("fwra"), veth("fwrp"));
+    app.exec(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vp, "netns", &peer.name])?;
+    let said = stdout(&app.exec(&[
+        &host.init.to_string_lossy(),
+        "--firewall-apply",
+        &s.plan.to_string_lossy(),
+        &va,
+    ])?);
+    ensure!(said.starts_with("firewall: applied and verified"), "{said}");
+    app.exec(&["ip", "addr", "add", "10.199.8.1/24", "dev", &va])?;
+    app.exec(&["ip", "-6", "addr", "add", "fd00:199:8::1/64", "dev", &va, "nodad"])?;
+    app.exec(&["ip", "link", "set", &va, "up"])?;
+    peer.exec(&["ip", "addr", "add", "10.199.8.2/24", "dev", &vp])?;
+    peer.exec(&["ip", "-6", "addr", "add", "fd00:199:8::2/64", "dev", &vp, "nodad"])?;
+    peer.exec(&["ip", "link", "set", &vp, "up"])?;
+    let link = app.json(&["ip", "-j", "link", "show", "dev", &va])?;
+    let va_mac = mac_of(&link)?;
+    let ifindex = link[0]["ifindex"].as_u64().context("no ifindex")? as usize;
+    let listener = KillOnDrop(peer.cmd(&[PROBE, "listen", "10.199.8.2:443"]).stdout(Stdio::null()).spawn()?);
+    std::thread::sleep(Duration::from_millis(300));
+    // Through both tables, an ordinary socket: tor's uid reaches a relay port, nobody does not.
+    let connect = |uid: u32| -> Result<bool> {
+        let uid = uid.to_string();
+        let out = app
+            .cmd(&["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups", "busybox", "nc", "-w", "2"])
+            .args(["10.199.8.2", "443"])
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out.status.success())
+    };
+    ensure!(connect(TOR_UID)?, "the tor uid could not reach an allowed port through both tables");
+    ensure!(!connect(NOBODY)?, "uid {NOBODY} reached the peer");
+    drop(listener);
+    let egress_before = counter(&app, "egress", &["counter"])?;
+    let capture = Capture::start(&peer.name)?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let app_name = app.name.clone();
+    let sender = std::thread::spawn(move || {
+        rawframe::in_netns(&app_name, move || -> Result<Vec<bool>> {
+            let mut sock = RawSocket::open()?;
+            let _ = ready_tx.send(());
+            sock.learn(ifindex, &[ETH_ARP, ETH_IPV4, ETH_IPV6], Duration::from_secs(10))?;
+            let peer_mac = sock.peer_mac(ETH_IPV4).context("no peer MAC")?;
+            let (src, dst) = ([10, 199, 8, 1], [10, 199, 8, 2]);
+            let v4 = |proto, l4: Vec<u8>| {
+                rawframe::ethernet(peer_mac, va_mac, ETH_IPV4, &rawframe::ipv4(src, dst, proto, &l4))
+            };
+            let mut v6 = [0u8; 16];
+            v6[..6].copy_from_slice(&[0xfd, 0, 0x01, 0x99, 0, 8]);
+            let (mut v6src, mut v6dst) = (v6, v6);
+            v6src[15] = 1;
+            v6dst[15] = 2;
+            let sends: [(u16, Vec<u8>); 7] = [
+                (
+                    ETH_ARP,
+                    rawframe::ethernet(
+                        peer_mac,
+                        va_mac,
+                        ETH_ARP,
+                        &rawframe::arp_request(va_mac, src, [10, 199, 8, 77]),
+                    ),
+                ),
+                (ETH_IPV4, v4(17, rawframe::udp(41001, 53, b"q"))),
+                (ETH_IPV4, v4(6, rawframe::tcp_syn(41002, 443))),
+                (ETH_IPV4, v4(17, rawframe::udp(68, 67, b"d"))),
+                // skb->protocol ARP, an IPv4 header on the wire.
+                (ETH_ARP, v4(17, rawframe::udp(41003, 53, b"q"))),
+                (
+                    ETH_IPV6,
+                    rawframe::ethernet(
+                        peer_mac,
+                        va_mac,
+                        ETH_IPV6,
+                        &rawframe::ipv6_udp(v6src, v6dst, &rawframe::udp(41004, 53, b"q")),
+                    ),
+                ),
+                (ETH_IPV4, v4(6, rawframe::tcp_syn(41005, 8080))),
+            ];
+            sends.iter().map(|(protocol, frame)| sock.send(*protocol, frame)).collect::<Result<Vec<bool>>>()
+        })
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("the raw socket did not open")?;
+    // Frames of each ethertype arriving on `va` teach the socket its addresses: ARP and ICMP
+    // from an IPv4 ping, a neighbour solicitation from an IPv6 one (neither is answered).
+    let _ = peer.cmd(&["busybox", "ping", "-c", "2", "-W", "1", "10.199.8.1"]).output()?;
+    let _ = peer.cmd(&["busybox", "ping", "-6", "-c", "1", "-W", "1", "fd00:199:8::1"]).output()?;
+    let taken = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    // The sender learns of each drop at once: the egress hook's verdict comes back as ENOBUFS.
+    ensure!(taken == [true, false, true, true, false, false, false], "frames the device took: {taken:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let frames = capture.finish()?;
+    let ours: Vec<_> = frames.iter().filter(|f| f.src == va_mac).collect();
+    let udp_or_tcp_port = |f: &&cloister_tests::capture::Frame, proto: u8, sport: u16| {
+        let ip = &f.payload;
+        let ihl = usize::from(ip.first().copied().unwrap_or(0) & 0x0f) * 4;
+        ip.get(9) == Some(&proto) && ip.get(ihl..ihl + 2) == Some(&sport.to_be_bytes()[..])
+    };
+    let seen_v4 =
+        |proto, sport| ours.iter().any(|f| f.ethertype == ETH_IPV4 && udp_or_tcp_port(f, proto, sport));
+    let arp_77 =
+        ours.iter().any(|f| f.ethertype == ETH_ARP && f.payload.get(24..28) == Some(&[10, 199, 8, 77][..]));
+    ensure!(arp_77, "the raw ARP request did not reach the peer");
+    ensure!(seen_v4(6, 41002), "a raw TCP SYN to a relay port did not reach the peer");
+    ensure!(seen_v4(17, 68), "a raw DHCP request did not reach the peer");
+    ensure!(!seen_v4(17, 41001), "a raw UDP datagram to port 53 reached the peer");
+    ensure!(!seen_v4(17, 41003), "an IPv4 frame sent as ARP reached the peer");
+    ensure!(!seen_v4(6, 41005), "a raw TCP SYN to port 8080 reached the peer");
+    ensure!(!ours.iter().any(|f| f.ethertype == ETH_IPV6), "an IPv6 frame reached the peer");
+    let egress_after = counter(&app, "egress", &["counter"])?;
+    ensure!(
+        egress_after >= egress_before + 4,
+        "the egress drop counter moved {egress_before} -> {egress_after}, not by the 4 frames dropped"
+    );
+    Ok(())
+}

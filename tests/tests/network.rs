@@ -286,3 +286,178 @@ fn dhcp_lease_is_renewed_at_t1() -> Result<()> {
     );
     Ok(())
 }
+
+/// An appliance namespace whose only link is one end of a veth pair (so `uplink = "auto"` finds
+/// it), the other end in a peer namespace at `peer_ip`/24.
+struct Uplink {
+    app: TestNetns,
+    peer: TestNetns,
+    link: String,
+    peer_link: String,
+}
+
+impl Uplink {
+    fn new(tag: &str, peer_ip: &str) -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let (pid, n) = (std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let app = TestNetns::new(format!("cloister-net-{pid}-{n}-{tag}a"))?;
+        let peer = TestNetns::new(format!("cloister-net-{pid}-{n}-{tag}p"))?;
+        let (link, peer_link) = (format!("cua{}x{n}", pid % 100_000), format!("cup{}x{n}", pid % 100_000));
+        peer.exec(&[
+            "ip", "link", "add", &peer_link, "type", "veth", "peer", "name", &link, "netns", &app.name,
+        ])?;
+        peer.exec(&["ip", "addr", "add", &format!("{peer_ip}/24"), "dev", &peer_link])?;
+        peer.exec(&["ip", "link", "set", &peer_link, "up"])?;
+        Ok(Self { app, peer, link, peer_link })
+    }
+
+    /// `cloister-init --network-up` with `plan` in the appliance's namespace: its step lines
+    /// and the `status` JSON it ends with.
+    fn network_up(&self, init: &Path, plan: &cloister_plan::Plan) -> Result<(String, serde_json::Value)> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("plan.json");
+        std::fs::write(&file, plan.to_json())?;
+        let start = Instant::now();
+        let out = self.app.exec(&[&init.to_string_lossy(), "--network-up", &file.to_string_lossy()])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{text}({} ms with process start)", start.elapsed().as_millis());
+        let last = text.lines().last().context("no output")?;
+        Ok((text.clone(), serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))?))
+    }
+}
+
+fn plan_with(network: cloister_plan::NetworkPlan, dhcp: bool) -> cloister_plan::Plan {
+    cloister_plan::Plan {
+        hostname: "localhost".into(),
+        build_time_unix: 1,
+        admin_uids: vec![],
+        services: vec![],
+        firewall: cloister_plan::FirewallPlan { tor_uid: Some(4242), dhcp, ..Default::default() },
+        network,
+        chat: None,
+    }
+}
+
+/// Stage 2's steps from the firewall to the network with a static address, on a live link:
+/// the link found by "auto", its MAC replaced by a random local one before it came up, IPv6
+/// off, the address and the default route in place, both tables naming it; and from the peer
+/// the appliance answers nothing (no ping, no connection to a listening port), while tor's uid
+/// reaches a relay port on the peer and its replies come back.
+#[test]
+fn network_up_gives_a_static_address_behind_both_tables() -> Result<()> {
+    let Some(host) = Host::from_env("network_up_gives_a_static_address_behind_both_tables") else {
+        return Ok(());
+    };
+    let lab = Uplink::new("st", "10.79.0.1")?;
+    let before = lab.app.json(&["ip", "-j", "link", "show", "dev", &lab.link])?;
+    let old_mac = before[0]["address"].as_str().context("no MAC")?.to_string();
+    let fixed = cloister_plan::StaticIpv4 {
+        address: "10.79.0.2".parse()?,
+        prefix: 24,
+        gateway: "10.79.0.1".parse()?,
+    };
+    let network =
+        cloister_plan::NetworkPlan { mode: cloister_plan::NetworkMode::Static(fixed), randomize_mac: true };
+    let (steps, status) = lab.network_up(&host.init, &plan_with(network, false))?;
+    for step in ["firewall", "uplink", "uplink-firewall", "network"] {
+        ensure!(steps.contains(&format!("step {step}: ok (")), "step {step} did not pass:\n{steps}");
+    }
+    let link = lab.app.json(&["ip", "-j", "link", "show", "dev", &lab.link])?;
+    let mac = link[0]["address"].as_str().context("no MAC")?.to_string();
+    let first = u8::from_str_radix(&mac[..2], 16)?;
+    ensure!(mac != old_mac, "the MAC address was not replaced ({mac})");
+    ensure!(first & 0x03 == 0x02, "MAC {mac} is not locally administered unicast");
+    ensure!(link[0]["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP")), "{link}");
+    let (addr, _, via) = applied_on(&lab.app, &lab.link)?;
+    ensure!(addr == "10.79.0.2/24" && via == "10.79.0.1", "{addr} via {via}");
+    for (key, want) in [("disable_ipv6", "1"), ("accept_ra", "0")] {
+        let path = format!("/proc/sys/net/ipv6/conf/{}/{key}", lab.link);
+        let got = lab.app.exec_text(&["cat", &path])?;
+        ensure!(got.trim() == want, "{key} = {got}");
+    }
+    let v6 = lab.app.json(&["ip", "-j", "-6", "addr", "show", "dev", &lab.link])?;
+    ensure!(
+        v6.as_array().is_none_or(|a| a.iter().all(|i| i["addr_info"].as_array().is_none_or(Vec::is_empty))),
+        "{v6}"
+    );
+    // What the control socket's `status` would show.
+    ensure!(status["network"]["address"] == "10.79.0.2/24", "{status}");
+    ensure!(status["network"]["mode"] == "static" && status["network"]["mac"] == mac.as_str(), "{status}");
+    ensure!(status["network"]["mac_randomized"] == true, "{status}");
+    ensure!(status["firewall"]["state"] == "verified", "{status}");
+    ensure!(status["firewall"]["egress"]["device"] == lab.link.as_str(), "{status}");
+    ensure!(
+        status["firewall"]["tables"] == serde_json::json!(["inet cloister", "netdev cloister"]),
+        "{status}"
+    );
+    let text = lab.app.exec_text(&["nft", "list", "ruleset"])?;
+    ensure!(text.contains(&format!("hook egress device \"{}\"", lab.link)), "{text}");
+    ensure!(!text.contains("sport 68"), "a static address needs no DHCP rule:\n{text}");
+    // From the peer: nothing answers.
+    let probe = env!("CARGO_BIN_EXE_probe");
+    let _listener =
+        KillOnDrop(lab.app.cmd(&[probe, "listen", "10.79.0.2:2222"]).stdout(Stdio::null()).spawn()?);
+    let _relay =
+        KillOnDrop(lab.peer.cmd(&[probe, "listen", "10.79.0.1:9001"]).stdout(Stdio::null()).spawn()?);
+    std::thread::sleep(Duration::from_millis(300));
+    let ping = lab.peer.cmd(&["busybox", "ping", "-c", "1", "-W", "1", "10.79.0.2"]).output()?;
+    ensure!(!ping.status.success(), "the appliance answered a ping");
+    let nc = |ns: &TestNetns, uid: &str, to: &str, port: &str| -> Result<bool> {
+        let out = ns
+            .cmd(&[
+                "setpriv",
+                "--reuid",
+                uid,
+                "--regid",
+                uid,
+                "--clear-groups",
+                "busybox",
+                "nc",
+                "-w",
+                "2",
+                to,
+                port,
+            ])
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out.status.success())
+    };
+    ensure!(!nc(&lab.peer, "0", "10.79.0.2", "2222")?, "the peer reached a port listening on the appliance");
+    ensure!(nc(&lab.app, "4242", "10.79.0.1", "9001")?, "tor's uid could not reach a relay port on the peer");
+    ensure!(!nc(&lab.app, "65534", "10.79.0.1", "9001")?, "another uid reached the peer");
+    let _ = &lab.peer_link;
+    Ok(())
+}
+
+/// With DHCP and `uplink = "auto"`, the `firewall` step's DHCP rules name no interface (none
+/// was known); once the uplink is found they name it, and its egress table lets the client's
+/// requests out.
+#[test]
+fn network_up_with_dhcp_names_the_uplink_it_found() -> Result<()> {
+    let Some(host) = Host::from_env("network_up_with_dhcp_names_the_uplink_it_found") else {
+        return Ok(());
+    };
+    let lab = Uplink::new("dh", "10.79.1.1")?;
+    let (steps, status) = lab.network_up(&host.init, &plan_with(Default::default(), true))?;
+    ensure!(steps.contains("step uplink-firewall: ok ("), "{steps}");
+    ensure!(status["firewall"]["state"] == "verified", "{status}");
+    ensure!(status["firewall"]["uplink"] == lab.link.as_str(), "{status}");
+    ensure!(status["network"]["mode"] == "dhcp" && status["network"]["lease"] == "none", "{status}");
+    let text = lab.app.exec_text(&["nft", "list", "ruleset"])?;
+    let dhcp_out = format!("oifname \"{}\" udp sport 68 udp dport 67 accept", lab.link);
+    let dhcp_in = format!("iifname \"{}\" udp sport 67 udp dport 68 accept", lab.link);
+    ensure!(text.contains(&dhcp_out) && text.contains(&dhcp_in), "{text}");
+    ensure!(text.contains("meta protocol ip @ll,96,16 0x800 udp sport 68 udp dport 67 accept"), "{text}");
+    Ok(())
+}
+
+/// The address and default route on `link` in `ns`: address/prefix, valid lifetime, gateway.
+fn applied_on(ns: &TestNetns, link: &str) -> Result<(String, u64, String)> {
+    let addrs = ns.json(&["ip", "-j", "-4", "addr", "show", "dev", link])?;
+    let info = &addrs[0]["addr_info"][0];
+    let addr = format!("{}/{}", info["local"].as_str().context("no address")?, info["prefixlen"]);
+    let valid = info["valid_life_time"].as_u64().unwrap_or(0);
+    let routes = ns.json(&["ip", "-j", "-4", "route", "show", "default"])?;
+    let via = routes[0]["gateway"].as_str().context("no default route")?.to_string();
+    Ok((addr, valid, via))
+}

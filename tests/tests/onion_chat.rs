@@ -248,6 +248,9 @@ fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
     timed("the admin CLI shows the onion address and host key with QR codes", || {
         admin::admin_shows_identity(ssh, ssh.onion, host_key)
     })?;
+    timed("the admin CLI's status shows the verified firewall and the uplink", || {
+        admin::admin_shows_status(ssh)
+    })?;
     timed("the admin adds, locks, expires and removes a chat user over the onion", || {
         admin::admin_manages_chat_users(ssh)
     })?;

@@ -5,7 +5,9 @@
 //! tor's connection attempts to the private test network's relays (the test image's tor knows
 //! only those; they are not on this link, so the attempts go nowhere): no IPv6, no DNS, no
 //! NTP, nothing else. The capture's summary is kept as a test artifact in the run's work
-//! directory.
+//! directory. A second test boots the image built with `--test-break-firewall-check`, on the
+//! same kind of tap: PID 1's read-back comparison fails, so no service may start and the
+//! uplink must stay down: not one frame from the appliance, not even DHCP.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use cloister_proto::marker;
+use cloister_proto::{marker, service_event};
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
 use cloister_tests::capture::{classify, mac_of, Capture, Frame, TOR_TO_TEST_RELAY};
 use cloister_tests::*;
@@ -57,6 +59,26 @@ fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<
         vm.wait_for(marker::POWER_OFF, Duration::from_secs(120))?;
         Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
     })?;
+    // The uplink came up only behind its own verified firewall; the step lines carry the
+    // apply + read-back times the issue asks for.
+    let console = vm.console_text();
+    let step = |name: &str| console.lines().find(|l| l.contains(&format!("step {name}: "))).map(str::trim);
+    for name in ["firewall", "uplink", "uplink-firewall", "network"] {
+        let line = step(name).with_context(|| format!("no step {name} on the console"))?;
+        ensure!(line.contains(&format!("step {name}: ok (")), "{line}");
+        eprintln!("{line}");
+    }
+    for timing in console
+        .lines()
+        .filter(|l| l.contains("cloister: firewall: apply") || l.contains("cloister: uplink firewall on "))
+    {
+        eprintln!("{}", timing.trim());
+    }
+    let at = |needle: &str| console.find(needle).unwrap_or(usize::MAX);
+    ensure!(
+        at("step uplink-firewall: ok") < at("step network: ok"),
+        "the uplink came up before its firewall"
+    );
     let frames = capture.finish()?;
     let summary = judge(&frames, tap_mac)?;
     std::fs::write(e2e.work.join("vm-network-capture.txt"), &summary)?;
@@ -90,6 +112,84 @@ fn judge(frames: &[Frame], tap_mac: [u8; 6]) -> Result<String> {
     }
     ensure!(dhcp >= 2, "no DISCOVER and REQUEST seen ({dhcp} DHCP frames)");
     Ok(summary)
+}
+
+/// How long the fail-closed image is watched after it said its services were held.
+const WATCH_HELD: Duration = Duration::from_secs(20);
+
+#[test]
+fn firewall_check_failure_holds_every_service_and_the_uplink() -> Result<()> {
+    let Some(e2e) = E2e::from_env("vm-fail-closed") else { return Ok(()) };
+    // With CLOISTER_E2E set and this test selected, xtask built the image: its absence is a
+    // broken harness.
+    let image = e2e.fail_closed_image.clone().context("CLOISTER_TEST_IMAGE_FAIL_CLOSED is not set")?;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest_path(&image))?)?;
+    let flags = manifest["build"]["flags"].to_string();
+    ensure!(flags.contains("firewall check fails on purpose"), "the manifest does not say so: {flags}");
+    let dir = e2e.scratch("vm-fail-closed")?;
+    let disk = dir.join("disk.img");
+    sparse_copy(&image, &disk)?;
+    let ns = TestNetns::new(format!("cloister-vmfc-{}", std::process::id()))?;
+    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+    ns.exec(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", TAP])?;
+    ns.exec(&["ip", "link", "set", TAP, "up"])?;
+    // A server that would answer: had the appliance asked for a lease, the capture shows it.
+    let _udhcpd = start_udhcpd(&ns, &dir)?;
+    let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
+    let capture = Capture::start(&ns.name)?;
+    let mac = QEMU_MAC.map(|b| format!("{b:02x}")).join(":");
+    let network = Network::Tap { netns: ns.name.clone(), tap: TAP.into(), mac: Some(mac) };
+    let config = VmConfig { cpus: 1, network, ..VmConfig::new(&disk, Firmware::find()?, &dir) };
+    let vm = Vm::start(config)?;
+    let (failed, held) = timed("unlock, then the firewall step fails", || {
+        vm.wait_for(marker::PASSPHRASE_PROMPT, TO_UNLOCK)?;
+        vm.type_line(&e2e.passphrase()?)?;
+        let failed = vm.wait_for("step firewall: failed: ", TO_UNLOCK)?;
+        Ok((failed, vm.wait_for(marker::SERVICES_HELD, Duration::from_secs(30))?))
+    })?;
+    eprintln!("{failed}\n{held}");
+    ensure!(failed.contains("live ruleset differs from the intended one"), "{failed}");
+    ensure!(failed.contains("cloister-test-break-verify"), "failed for another reason: {failed}");
+    ensure!(held.contains("firewall: live ruleset differs"), "{held}");
+    // PID 1 goes on (the power button still works) with nothing to run.
+    timed("nothing starts", || {
+        vm.wait_for(marker::PID1_RSS, Duration::from_secs(60))?;
+        std::thread::sleep(WATCH_HELD);
+        Ok(())
+    })?;
+    timed("power button powers off", || {
+        vm.power_button()?;
+        vm.wait_for(marker::POWER_OFF, Duration::from_secs(120))?;
+        Ok(vm.wait_exit(Duration::from_secs(60)).map(drop)?)
+    })?;
+    let console = vm.console_text();
+    // Kept beside the capture summary of the other test: what a person at the console saw.
+    std::fs::write(e2e.work.join("vm-fail-closed-console.txt"), &console)?;
+    for never in [
+        service_event::PREFIX,
+        marker::ALL_READY,
+        marker::ONION_ADDRESS,
+        "step uplink",
+        "step network",
+        "step ssh-host-key",
+        "dhcp: ",
+    ] {
+        ensure!(!console.contains(never), "the console shows {never:?} in a fail-closed boot");
+    }
+    let frames = capture.finish()?;
+    let ours: Vec<&cloister_tests::capture::Frame> =
+        frames.iter().filter(|f| f.src != tap_mac && f.src != [0; 6]).collect();
+    let summary: Vec<String> =
+        ours.iter().map(|f| format!("{} ms {}", f.at.as_millis(), classify(f))).collect();
+    ensure!(
+        ours.is_empty(),
+        "the appliance sent {} frames with its firewall check failed: {summary:#?}",
+        ours.len()
+    );
+    eprintln!("fail-closed: {} frames on the tap, none from the appliance", frames.len());
+    drop(vm);
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
 }
 
 fn start_udhcpd(ns: &TestNetns, dir: &Path) -> Result<KillOnDrop> {

@@ -56,12 +56,25 @@ pub fn test(args: &TestArgs) -> Result<()> {
     let t = Instant::now();
     let image = TestImage::build(&bins, args.reuse_image, &tornet)?;
     timings.push(("test image build (unprivileged)", t.elapsed().as_secs_f64()));
+    // Only when its test will run: a second image costs a build.
+    let fail_closed = match args.filter.as_deref() {
+        Some(f) if !FAIL_CLOSED_TEST.contains(f) => None,
+        _ => {
+            let t = Instant::now();
+            let path = image.fail_closed_variant(&bins, args.reuse_image)?;
+            timings.push(("fail-closed image build", t.elapsed().as_secs_f64()));
+            Some(path)
+        }
+    };
 
     // Started once for the whole run; it bootstraps while the image checks and boots run.
     let network = tornet::Running::start(&tornet)?;
     let t = Instant::now();
     let mut env = image.env(&bins)?;
     env.push(("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()));
+    if let Some(path) = fail_closed {
+        env.push(("CLOISTER_TEST_IMAGE_FAIL_CLOSED", path.display().to_string()));
+    }
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let result = run_tests(&["--package", "cloister-tests"], args.filter.as_deref(), &env);
     timings.push(("image checks + QEMU end to end", t.elapsed().as_secs_f64()));
@@ -116,6 +129,10 @@ fn run_tests(selection: &[&str], filter: Option<&str>, env: &[(&str, &str)]) -> 
     Ok(())
 }
 
+/// The VM test that boots the image whose firewall check fails on purpose
+/// (`tests/tests/vm_network.rs`); its image is built only when a run may select it.
+const FAIL_CLOSED_TEST: &str = "firewall_check_failure_holds_every_service_and_the_uplink";
+
 /// The image the end-to-end tests boot, with the passphrase file they type from.
 struct TestImage {
     dir: PathBuf,
@@ -152,6 +169,35 @@ impl TestImage {
         args.extend(["--test-tor-network".into(), torrc.display().to_string()]);
         run_builder(bins, &dir, &args)?;
         Ok(me)
+    }
+
+    /// The same image (config, passphrase, private Tor network) built again with
+    /// `--test-break-firewall-check`, in a directory of its own. The package cache is warm by
+    /// now, so this costs the build's local phases only.
+    fn fail_closed_variant(&self, bins: &build::Binaries, reuse: bool) -> Result<PathBuf> {
+        let dir = build::target_dir().join("test-image-fail-closed");
+        let image = dir.join("disk.img");
+        if reuse && image.is_file() {
+            eprintln!("xtask: reusing {}", image.display());
+            return Ok(image);
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for name in ["test-image.toml", "passphrase", "appliance-torrc"] {
+            std::fs::copy(self.dir.join(name), dir.join(name))
+                .with_context(|| format!("cannot copy {name} for the fail-closed image"))?;
+        }
+        let path = |name: &str| dir.join(name).display().to_string();
+        let mut args: Vec<String> = vec!["--config".into(), path("test-image.toml")];
+        args.extend(["--output".into(), image.display().to_string()]);
+        args.extend(["--passphrase-file".into(), path("passphrase")]);
+        args.extend(TEST_KDF_ARGS.iter().map(|s| s.to_string()));
+        args.extend(["--test-tor-network".into(), path("appliance-torrc")]);
+        args.push("--test-break-firewall-check".into());
+        run_builder(bins, &dir, &args)?;
+        Ok(image)
     }
 
     fn env(&self, bins: &build::Binaries) -> Result<Vec<(&'static str, String)>> {

@@ -131,8 +131,11 @@ fn status(answer: &Value) -> String {
             total["processes"]
         ));
     }
+    if !answer["firewall"].is_null() {
+        out.push_str(&format!("\nfirewall: {}", firewall(&answer["firewall"])));
+    }
     if !answer["network"].is_null() {
-        out.push_str(&format!("\nnetwork: {}", answer["network"]));
+        out.push_str(&format!("\nnetwork: {}", network(&answer["network"])));
     }
     out
 }
@@ -140,6 +143,44 @@ fn status(answer: &Value) -> String {
 /// KiB as MiB with one decimal.
 fn mib(kib: &Value) -> Option<String> {
     kib.as_u64().map(|k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+/// `verified (inet cloister, netdev cloister: egress on eth0); dropped: input 3, ...`, or what
+/// differs.
+fn firewall(fw: &Value) -> String {
+    let tables: Vec<String> = fw["tables"].as_array().into_iter().flatten().map(text).collect();
+    let mut out = format!("{} ({}", text(&fw["state"]), tables.join(", "));
+    if !fw["egress"].is_null() {
+        out.push_str(&format!(": egress on {}", text(&fw["egress"]["device"])));
+    }
+    out.push(')');
+    if let Some(dropped) = fw["dropped_packets"].as_object() {
+        let counts: Vec<String> =
+            dropped.iter().map(|(chain, n)| format!("{} {n}", text(&Value::String(chain.clone())))).collect();
+        out.push_str(&format!("; dropped packets: {}", counts.join(", ")));
+    }
+    out
+}
+
+/// `eth0 02:…:… (random MAC), 10.0.0.5/24 by dhcp, lease ends in 590 s`.
+fn network(net: &Value) -> String {
+    if net["uplink"].is_null() {
+        return "no uplink".into();
+    }
+    let random = if net["mac_randomized"].as_bool() == Some(true) { "random MAC" } else { "its own MAC" };
+    let address = if net["address"].is_null() { "no address".into() } else { text(&net["address"]) };
+    let lease = match &net["lease"] {
+        Value::Object(l) => {
+            format!(", lease ends in {} s", l.get("expires_in_s").map(text).unwrap_or_default())
+        }
+        _ => String::new(),
+    };
+    format!(
+        "{} {} ({random}), {address} by {}{lease}",
+        text(&net["uplink"]),
+        text(&net["mac"]),
+        text(&net["mode"])
+    )
 }
 
 fn lines(list: &Value) -> String {
@@ -216,6 +257,34 @@ mod tests {
             identity(&a),
             "onion address: x.onion\n\u{2588}\u{2580}\n\u{2584} \nssh host key: not known yet"
         );
+    }
+
+    #[test]
+    fn status_says_what_the_firewall_and_the_network_are() {
+        let a = json!({"ok": true, "uptime_ms": 61_000, "services": [
+            {"name": "tor", "state": "ready", "restarts": 0}],
+            "firewall": {"state": "verified", "tables": ["inet cloister", "netdev cloister"], "uplink": "eth0",
+                         "egress": {"device": "eth0"},
+                         "dropped_packets": {"egress": 2, "forward": 0, "input": 17, "output": 1}},
+            "network": {"uplink": "eth0", "mac": "02:ab:00:01:02:03", "mac_randomized": true, "mode": "dhcp",
+                        "address": "10.0.0.5/24", "lease": {"expires_in_s": 590}}});
+        let t = answer(&["status"], &a);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "up 0h 01m 01s");
+        assert_eq!(
+            lines[2],
+            "firewall: verified (inet cloister, netdev cloister: egress on eth0); \
+             dropped packets: egress 2, forward 0, input 17, output 1"
+        );
+        assert_eq!(
+            lines[3],
+            "network: eth0 02:ab:00:01:02:03 (random MAC), 10.0.0.5/24 by dhcp, lease ends in 590 s"
+        );
+        let bad = json!({"firewall": {"state": "differs: unexpected table x (family 2)\u{1b}", "tables": ["inet cloister"]},
+                         "network": {"uplink": null, "lease": "none"}});
+        let t = answer(&["status"], &bad);
+        assert!(t.contains("firewall: differs: unexpected table x (family 2)? (inet cloister)"), "{t}");
+        assert!(t.ends_with("network: no uplink"), "{t}");
     }
 
     #[test]

@@ -149,6 +149,11 @@ pub struct FirewallPlan {
     pub allow_ipv6: bool,
     /// Accept the DHCPv4 client's traffic (udp 68 -> 67 out, 67 -> 68 in) on the uplink.
     pub dhcp: bool,
+    /// Test images only (`cloister-build --test-break-firewall-check`, recorded in the
+    /// manifest): PID 1 expects one rule more than it applies, so the read-back comparison
+    /// fails and the image must fail closed. Absent from production plans.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub test_break_verify: bool,
 }
 
 /// [`FirewallPlan::uplink`] when the uplink is whichever interface the network finds.
@@ -164,6 +169,7 @@ impl Default for FirewallPlan {
             uplink: UPLINK_AUTO.into(),
             allow_ipv6: false,
             dhcp: true,
+            test_break_verify: false,
         }
     }
 }

@@ -11,7 +11,8 @@ pub const REG_VERDICT: u32 = 0;
 pub const REG_1: u32 = 1;
 pub const CMP_EQ: u32 = 0;
 pub const CMP_NEQ: u32 = 1;
-/// `NFT_PAYLOAD_TRANSPORT_HEADER`.
+/// `NFT_PAYLOAD_LL_HEADER` and `NFT_PAYLOAD_TRANSPORT_HEADER`.
+pub const BASE_LINK: u32 = 0;
 pub const BASE_TRANSPORT: u32 = 2;
 /// `NFT_CT_STATE`.
 pub const CT_STATE: u32 = 0;
@@ -178,6 +179,19 @@ fn decode_fields(name: &str, f: &[(u16, &[u8])]) -> Option<Expr> {
         }
         _ => None,
     }
+}
+
+/// The packets a dumped `counter` expression counted; `None` for any other expression.
+pub fn counter_packets(elem: &[u8]) -> Option<u64> {
+    let attrs = parse_attrs(elem).ok()?;
+    let name = attrs.iter().find(|(k, _)| *k == EXPR_NAME).map(|(_, v)| string(v))?;
+    if name != "counter" {
+        return None;
+    }
+    let data = attrs.iter().find(|(k, _)| *k == EXPR_DATA).map(|(_, v)| *v)?;
+    let fields = parse_attrs(data).ok()?;
+    // NFTA_COUNTER_PACKETS
+    fields.iter().find(|(k, _)| *k == 2).and_then(|(_, v)| be64(v))
 }
 
 fn describe(name: &str, fields: &[(u16, &[u8])]) -> String {

@@ -1,16 +1,24 @@
-//! The ruleset as data: what the firewall means, generated from the plan by [`ruleset`] without
-//! touching the kernel, and lowered to the expressions the kernel stores ([`Rule::lower`]).
+//! The ruleset as data: what the firewall means, generated from the plan without touching the
+//! kernel ([`ruleset`]: the `inet` table; [`egress_ruleset`]: the `netdev` table on the uplink;
+//! [`rulesets`]: what is meant to be live, before and after the uplink is known), and lowered to
+//! the expressions the kernel stores ([`Rule::lower`]).
 
 use std::fmt;
 
 use cloister_plan::{ChatFirewallPlan, FirewallPlan, UPLINK_AUTO};
 
-use super::expr::{self, Expr, BASE_TRANSPORT, CMP_EQ, CMP_NEQ, CT_STATE, REG_1};
+use super::expr::{self, Expr, BASE_LINK, BASE_TRANSPORT, CMP_EQ, CMP_NEQ, CT_STATE, REG_1};
 
-/// The one table the appliance has.
+/// The appliance's table name, in each family it has one in.
 pub const TABLE: &str = "cloister";
 /// `NFPROTO_INET`: one table for IPv4 and IPv6.
 pub const FAMILY_INET: u8 = 1;
+/// `NFPROTO_NETDEV`: the uplink's own table, whose egress hook sees every frame the device
+/// sends, packet sockets' too.
+pub const FAMILY_NETDEV: u8 = 5;
+/// Log prefix of the test-only rule that a plan with `test_break_verify` expects but never
+/// applies (see [`intended`]).
+pub const TEST_BREAK_PREFIX: &str = "cloister-test-break-verify: ";
 /// Log prefix of dropped DNS queries.
 pub const DNS_PREFIX: &str = "cloister-dns: ";
 /// Ten log lines a minute at most per rule, in bursts of five: a flood cannot fill the journal.
@@ -21,6 +29,13 @@ const IFNAMSIZ: usize = 16;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const NFPROTO_IPV6: u8 = 10;
+/// Ethertypes (`ETH_P_*`).
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Where an Ethernet header holds its ethertype.
+const ETHERTYPE_OFFSET: u32 = 12;
+const META_PROTOCOL: u32 = 1;
 const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
 const META_SKUID: u32 = 10;
@@ -30,6 +45,8 @@ const META_L4PROTO: u32 = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
+    /// `NFPROTO_*`: [`FAMILY_INET`] or [`FAMILY_NETDEV`].
+    pub family: u8,
     pub table: String,
     pub chains: Vec<Chain>,
 }
@@ -42,12 +59,34 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// Base chain hooks, as `NF_INET_*` numbers; every chain is `type filter priority 0`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Base chain hooks; every chain is `type filter priority 0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hook {
-    Input = 1,
-    Forward = 2,
-    Output = 3,
+    Input,
+    Forward,
+    Output,
+    /// The netdev family's egress hook on the named device.
+    Egress(String),
+}
+
+impl Hook {
+    /// `NF_INET_*` or `NF_NETDEV_*`.
+    pub fn number(&self) -> u32 {
+        match self {
+            Hook::Input => 1,
+            Hook::Forward => 2,
+            Hook::Output => 3,
+            Hook::Egress(_) => 1,
+        }
+    }
+
+    /// The device a netdev chain is bound to.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Hook::Egress(dev) => Some(dev),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +118,13 @@ pub enum Match {
     Udp,
     Sport(u16),
     Dport(u16),
+    /// `meta protocol`: the ethertype the kernel gave the packet (`skb->protocol`), which
+    /// decides how the netdev family parses it.
+    Protocol(u16),
+    /// The ethertype in the frame's own Ethernet header: what the wire will show. A packet
+    /// socket may claim one `skb->protocol` and write another header, so netdev rules check
+    /// both.
+    EtherType(u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +201,11 @@ impl Match {
             Match::Udp => out.extend([meta(META_L4PROTO), eq(vec![IPPROTO_UDP])]),
             Match::Sport(p) => out.extend([port(0), eq(p.to_be_bytes().to_vec())]),
             Match::Dport(p) => out.extend([port(2), eq(p.to_be_bytes().to_vec())]),
+            Match::Protocol(t) => out.extend([meta(META_PROTOCOL), eq(t.to_be_bytes().to_vec())]),
+            Match::EtherType(t) => out.extend([
+                Expr::Payload { dreg: REG_1, base: BASE_LINK, offset: ETHERTYPE_OFFSET, len: 2 },
+                eq(t.to_be_bytes().to_vec()),
+            ]),
             Match::CtState(states) => {
                 // ct state is a host-endian bit mask; "any of" is (state & mask) != 0.
                 let mask: u32 = states.iter().map(|s| *s as u32).fold(0, |a, b| a | b);
@@ -231,6 +282,7 @@ pub fn ruleset(plan: &FirewallPlan) -> Ruleset {
     let forward = vec![Rule::default().counted().logged("cloister-drop-fwd: ")];
     let chain = |name, hook, rules| Chain { name, hook, policy: Drop, rules };
     Ruleset {
+        family: FAMILY_INET,
         table: TABLE.into(),
         chains: vec![
             chain("input", Hook::Input, input),
@@ -257,9 +309,72 @@ pub fn chat_ruleset(plan: &ChatFirewallPlan) -> Ruleset {
     output.push(Rule::new(vec![Skgid(plan.chat_gid), Tcp, Dport(plan.gateway_port)]).then(Accept));
     output.push(Rule::new(vec![Skgid(plan.chat_gid)]).counted().then(Drop));
     Ruleset {
+        family: FAMILY_INET,
         table: TABLE.into(),
         chains: vec![Chain { name: "output", hook: Hook::Output, policy: Accept, rules: output }],
     }
+}
+
+/// The uplink's `netdev` table: one chain on its egress hook, policy drop, letting out only
+/// ARP, the DHCP client's requests (udp 68 -> 67, when the plan has DHCP) and TCP to the relay
+/// ports (when a tor uid may leave at all; over IPv6 too only when the plan allows IPv6);
+/// everything else is counted and dropped. The `inet` table already decides which process may
+/// send what; this one sits below every socket, so a raw or packet socket (which the inet
+/// hooks never see) can send nothing the inet table would have refused by kind: no DNS, no
+/// NTP, no IPv6, no frame of another ethertype.
+pub fn egress_ruleset(plan: &FirewallPlan, device: &str) -> Ruleset {
+    use Match::*;
+    use Verdict::*;
+    let ip = |ethertype| [Protocol(ethertype), EtherType(ethertype)];
+    let mut rules = vec![Rule::new(vec![EtherType(ETH_P_ARP)]).then(Accept)];
+    if plan.dhcp {
+        let m = ip(ETH_P_IP).into_iter().chain([Udp, Sport(68), Dport(67)]).collect();
+        rules.push(Rule::new(m).then(Accept));
+    }
+    let families: &[u16] = if plan.allow_ipv6 { &[ETH_P_IP, ETH_P_IPV6] } else { &[ETH_P_IP] };
+    if plan.tor_uid.is_some() {
+        for &ethertype in families {
+            for &port in &plan.relay_ports {
+                let m = ip(ethertype).into_iter().chain([Tcp, Dport(port)]).collect();
+                rules.push(Rule::new(m).then(Accept));
+            }
+        }
+    }
+    rules.push(Rule::default().counted().then(Drop));
+    Ruleset {
+        family: FAMILY_NETDEV,
+        table: TABLE.into(),
+        chains: vec![Chain { name: "egress", hook: Hook::Egress(device.into()), policy: Drop, rules }],
+    }
+}
+
+/// What should be live in the machine's namespace: before the uplink is known (the `firewall`
+/// step) the `inet` table alone, as the plan says; once it is known (the `uplink-firewall`
+/// step) the `inet` table with the uplink's name in its DHCP rules and the uplink's egress
+/// table, applied together in one batch.
+pub fn rulesets(plan: &FirewallPlan, uplink: Option<&str>) -> Vec<Ruleset> {
+    match uplink {
+        None => vec![ruleset(plan)],
+        Some(dev) => {
+            let named = FirewallPlan { uplink: dev.into(), ..plan.clone() };
+            vec![ruleset(&named), egress_ruleset(plan, dev)]
+        }
+    }
+}
+
+/// What the live rulesets are compared with: `applied` itself, except that a test image's plan
+/// (`test_break_verify`, from the builder's `--test-break-firewall-check`) expects one more
+/// rule than was applied. The apply, the read-back and the comparison stay the real ones, so a
+/// boot of that image shows what any difference does: no service starts, the uplink stays down.
+pub fn intended(plan: &FirewallPlan, applied: &[Ruleset]) -> Vec<Ruleset> {
+    let mut out = applied.to_vec();
+    if plan.test_break_verify {
+        let output = out.iter_mut().flat_map(|rs| rs.chains.iter_mut()).find(|c| c.hook == Hook::Output);
+        if let Some(chain) = output {
+            chain.rules.push(Rule::default().counted().logged(TEST_BREAK_PREFIX));
+        }
+    }
+    out
 }
 
 /// nft syntax, for people reading an error.
@@ -288,6 +403,8 @@ impl fmt::Display for Rule {
                 }
                 Match::Sport(p) => format!("{l4} sport {p}"),
                 Match::Dport(p) => format!("{l4} dport {p}"),
+                Match::Protocol(t) => format!("meta protocol {}", ethertype_name(*t)),
+                Match::EtherType(t) => format!("ether type {}", ethertype_name(*t)),
             });
         }
         if self.counter {
@@ -309,6 +426,15 @@ impl fmt::Display for Rule {
     }
 }
 
+fn ethertype_name(t: u16) -> String {
+    match t {
+        ETH_P_IP => "ip".into(),
+        ETH_P_ARP => "arp".into(),
+        ETH_P_IPV6 => "ip6".into(),
+        other => format!("{other:#06x}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +452,7 @@ mod tests {
     fn default_plan_gives_the_documented_ruleset() {
         let rs = ruleset(&plan());
         assert_eq!(rs.table, "cloister");
-        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook, c.policy)).collect();
+        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook.clone(), c.policy)).collect();
         assert_eq!(
             names,
             [
@@ -369,7 +495,7 @@ mod tests {
             ChatFirewallPlan { gateway_uid: 111, gateway_port: 6667, server_port: 6668, chat_gid: 2000 };
         let rs = chat_ruleset(&plan);
         assert_eq!(rs.table, "cloister");
-        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook, c.policy)).collect();
+        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook.clone(), c.policy)).collect();
         assert_eq!(names, [("output", Hook::Output, Verdict::Accept)]);
         assert_eq!(
             texts(&rs, "output"),
@@ -413,6 +539,64 @@ mod tests {
         assert_eq!(out.iter().filter(|r| r.contains("skuid 101")).count(), 1);
         let input = texts(&rs, "input");
         assert!(input.contains(&"iifname \"eth0\" meta l4proto udp udp sport 67 udp dport 68 accept".into()));
+    }
+
+    #[test]
+    fn the_egress_table_lets_out_arp_dhcp_and_relay_ports_only() {
+        let rs = egress_ruleset(&plan(), "eth0");
+        assert_eq!((rs.family, rs.table.as_str()), (FAMILY_NETDEV, "cloister"));
+        let names: Vec<_> = rs.chains.iter().map(|c| (c.name, c.hook.clone(), c.policy)).collect();
+        assert_eq!(names, [("egress", Hook::Egress("eth0".into()), Verdict::Drop)]);
+        let ip = "meta protocol ip ether type ip meta l4proto";
+        assert_eq!(
+            texts(&rs, "egress"),
+            [
+                "ether type arp accept".to_string(),
+                format!("{ip} udp udp sport 68 udp dport 67 accept"),
+                format!("{ip} tcp tcp dport 80 accept"),
+                format!("{ip} tcp tcp dport 443 accept"),
+                format!("{ip} tcp tcp dport 9001 accept"),
+                format!("{ip} tcp tcp dport 9030 accept"),
+                "counter drop".into(),
+            ]
+        );
+        // A static address needs no DHCP; no tor, no TCP; IPv6 only when allowed.
+        let rs = egress_ruleset(&FirewallPlan { dhcp: false, tor_uid: None, ..plan() }, "eth0");
+        assert_eq!(texts(&rs, "egress"), ["ether type arp accept", "counter drop"]);
+        let rs = egress_ruleset(&FirewallPlan { allow_ipv6: true, relay_ports: vec![443], ..plan() }, "e");
+        let out = texts(&rs, "egress");
+        assert!(
+            out.contains(&"meta protocol ip6 ether type ip6 meta l4proto tcp tcp dport 443 accept".into())
+        );
+        assert_eq!(out.len(), 5, "{out:#?}");
+        let arp = &rs.chains[0].rules[0].lower();
+        assert_eq!(arp[0], Expr::Payload { dreg: REG_1, base: BASE_LINK, offset: 12, len: 2 });
+        assert_eq!(arp[1], Expr::Cmp { sreg: REG_1, op: CMP_EQ, data: vec![0x08, 0x06] });
+    }
+
+    #[test]
+    fn once_the_uplink_is_known_both_tables_name_it() {
+        let before = rulesets(&plan(), None);
+        assert_eq!(before, [ruleset(&plan())]);
+        let after = rulesets(&plan(), Some("enp1s0"));
+        assert_eq!(after.len(), 2);
+        assert_eq!((after[0].family, after[1].family), (FAMILY_INET, FAMILY_NETDEV));
+        assert!(texts(&after[0], "output")
+            .contains(&"oifname \"enp1s0\" meta l4proto udp udp sport 68 udp dport 67 accept".into()));
+        assert!(texts(&after[0], "input")
+            .contains(&"iifname \"enp1s0\" meta l4proto udp udp sport 67 udp dport 68 accept".into()));
+        assert_eq!(after[1].chains[0].hook, Hook::Egress("enp1s0".into()));
+    }
+
+    #[test]
+    fn only_a_test_plan_expects_a_rule_that_is_never_applied() {
+        let applied = rulesets(&plan(), None);
+        assert_eq!(intended(&plan(), &applied), applied);
+        let broken = FirewallPlan { test_break_verify: true, ..plan() };
+        let want = intended(&broken, &applied);
+        let out = texts(&want[0], "output");
+        assert_eq!(out.len(), texts(&applied[0], "output").len() + 1);
+        assert!(out.last().unwrap().contains(TEST_BREAK_PREFIX), "{out:#?}");
     }
 
     #[test]

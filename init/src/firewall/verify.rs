@@ -4,28 +4,56 @@
 use super::kernel::{Live, LiveChain, CHAIN_KIND, PRIORITY};
 use super::model::{Ruleset, FAMILY_INET};
 
-/// The live state that `rs` should produce when it is the only table.
-pub fn expected(rs: &Ruleset) -> Live {
+/// The live state that `rulesets` should produce when they are the only tables.
+pub fn expected(rulesets: &[Ruleset]) -> Live {
     Live {
-        tables: vec![(FAMILY_INET, rs.table.clone())],
-        chains: rs
-            .chains
+        tables: rulesets.iter().map(|rs| (rs.family, rs.table.clone())).collect(),
+        chains: rulesets
             .iter()
-            .map(|c| LiveChain {
-                name: c.name.into(),
-                hook: Some(c.hook as u32),
-                priority: Some(PRIORITY),
-                policy: Some(c.policy.code()),
-                kind: Some(CHAIN_KIND.into()),
-                rules: c.rules.iter().map(|r| r.lower()).collect(),
+            .flat_map(|rs| {
+                rs.chains.iter().map(|c| LiveChain {
+                    family: rs.family,
+                    table: rs.table.clone(),
+                    name: c.name.into(),
+                    hook: Some(c.hook.number()),
+                    priority: Some(PRIORITY),
+                    policy: Some(c.policy.code()),
+                    kind: Some(CHAIN_KIND.into()),
+                    devices: c.hook.device().map(String::from).into_iter().collect(),
+                    rules: c.rules.iter().map(|r| r.lower()).collect(),
+                    counted: vec![0; c.rules.len()],
+                })
             })
             .collect(),
     }
 }
 
-/// Every way `live` differs from what `rs` means, in order; empty when they agree.
-pub fn differences(rs: &Ruleset, live: &Live) -> Vec<String> {
-    let want = expected(rs);
+/// How a chain is named in a difference: the inet table's chains by name alone (the main
+/// table), others with their family and table.
+fn label(c: &LiveChain) -> String {
+    if c.family == FAMILY_INET {
+        c.name.clone()
+    } else {
+        format!("{} {} {}", family_name(c.family), c.table, c.name)
+    }
+}
+
+fn family_name(family: u8) -> String {
+    match family {
+        1 => "inet".into(),
+        2 => "ip".into(),
+        3 => "arp".into(),
+        5 => "netdev".into(),
+        7 => "bridge".into(),
+        10 => "ip6".into(),
+        other => format!("family {other}"),
+    }
+}
+
+/// Every way `live` differs from what `rulesets` mean, in order; empty when they agree.
+pub fn differences(rulesets: &[Ruleset], live: &Live) -> Vec<String> {
+    let want = expected(rulesets);
+    let intended: Vec<_> = rulesets.iter().flat_map(|rs| rs.chains.iter()).collect();
     let mut out = Vec::new();
     for t in &live.tables {
         if !want.tables.contains(t) {
@@ -37,31 +65,34 @@ pub fn differences(rs: &Ruleset, live: &Live) -> Vec<String> {
             out.push(format!("table {} (family {}) is missing", t.1, t.0));
         }
     }
+    let same = |a: &LiveChain, b: &LiveChain| a.family == b.family && a.table == b.table && a.name == b.name;
     for c in &live.chains {
-        if !want.chains.iter().any(|w| w.name == c.name) {
-            out.push(format!("unexpected chain {}", c.name));
+        if !want.chains.iter().any(|w| same(w, c)) {
+            out.push(format!("unexpected chain {}", label(c)));
         }
     }
-    for (w, intended) in want.chains.iter().zip(&rs.chains) {
-        let Some(c) = live.chains.iter().find(|c| c.name == w.name) else {
-            out.push(format!("chain {} is missing", w.name));
+    for (w, intended) in want.chains.iter().zip(intended) {
+        let name = label(w);
+        let Some(c) = live.chains.iter().find(|c| same(c, w)) else {
+            out.push(format!("chain {name} is missing"));
             continue;
         };
         let head = |c: &LiveChain| (c.hook, c.priority, c.policy, c.kind.clone());
         if head(c) != head(w) {
             out.push(format!(
-                "chain {}: hook/priority/policy/type {:?}, intended {:?}",
-                w.name,
+                "chain {name}: hook/priority/policy/type {:?}, intended {:?}",
                 head(c),
                 head(w)
             ));
         }
+        if c.devices != w.devices {
+            out.push(format!("chain {name}: devices {:?}, intended {:?}", c.devices, w.devices));
+        }
         for (i, want_rule) in w.rules.iter().enumerate() {
             match c.rules.get(i) {
-                None => out.push(format!("chain {} rule {}: missing: {}", w.name, i + 1, intended.rules[i])),
+                None => out.push(format!("chain {name} rule {}: missing: {}", i + 1, intended.rules[i])),
                 Some(live_rule) if live_rule != want_rule => out.push(format!(
-                    "chain {} rule {}: live {}, intended {} ({})",
-                    w.name,
+                    "chain {name} rule {}: live {}, intended {} ({})",
                     i + 1,
                     show(live_rule),
                     intended.rules[i],
@@ -71,7 +102,7 @@ pub fn differences(rs: &Ruleset, live: &Live) -> Vec<String> {
             }
         }
         for (i, extra) in c.rules.iter().enumerate().skip(w.rules.len()) {
-            out.push(format!("chain {} rule {}: unexpected {}", w.name, i + 1, show(extra)));
+            out.push(format!("chain {name} rule {}: unexpected {}", i + 1, show(extra)));
         }
     }
     out
@@ -88,8 +119,8 @@ mod tests {
     use super::*;
     use cloister_plan::FirewallPlan;
 
-    fn rs() -> Ruleset {
-        ruleset(&FirewallPlan { tor_uid: Some(101), ..FirewallPlan::default() })
+    fn rs() -> Vec<Ruleset> {
+        vec![ruleset(&FirewallPlan { tor_uid: Some(101), ..FirewallPlan::default() })]
     }
 
     #[test]
@@ -132,5 +163,24 @@ mod tests {
         let d = differences(&rs, &live);
         assert_eq!(d.len(), 1);
         assert!(d[0].starts_with("chain input rule 6: missing: counter limit rate"), "{}", d[0]);
+    }
+
+    #[test]
+    fn the_egress_chain_is_checked_with_its_device() {
+        let plan = FirewallPlan { tor_uid: Some(101), ..FirewallPlan::default() };
+        let both = super::super::model::rulesets(&plan, Some("eth0"));
+        let mut live = expected(&both);
+        assert_eq!(differences(&both, &live), Vec::<String>::new());
+        let egress = live.chains.iter_mut().find(|c| c.name == "egress").unwrap();
+        egress.devices.push("eth1".into());
+        egress.rules.remove(0);
+        let d = differences(&both, &live);
+        assert_eq!(d[0], "chain netdev cloister egress: devices [\"eth0\", \"eth1\"], intended [\"eth0\"]");
+        assert!(d[1].starts_with("chain netdev cloister egress rule 1: live "), "{d:#?}");
+        // The inet table alone is not what the uplink's step meant: the egress table is missing.
+        let inet_only = expected(&both[..1]);
+        let d = differences(&both, &inet_only);
+        assert_eq!(d[0], "table cloister (family 5) is missing", "{d:#?}");
+        assert_eq!(d[1], "chain netdev cloister egress is missing", "{d:#?}");
     }
 }

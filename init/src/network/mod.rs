@@ -51,26 +51,42 @@ pub struct Uplink {
     pub mode: NetworkMode,
 }
 
-/// The `network` step: `Ok(None)` when there is no interface at all (the appliance then simply
-/// has no network). Anything that fails before the link is up leaves it down.
-pub fn network_step(
-    net: &NetworkPlan,
-    fw: &FirewallPlan,
-    say: &dyn Fn(&str),
-) -> Result<Option<Uplink>, NetworkError> {
+/// The `uplink` step: loopback up, the NIC drivers loaded, the uplink found and held down.
+/// `Ok(None)` when there is no interface at all (the appliance then simply has no network).
+/// The `uplink-firewall` step follows (`firewall::uplink_step`), then the `network` step
+/// ([`up_step`]); nothing brings the link up before that firewall is verified.
+pub fn find_step(fw: &FirewallPlan, say: &dyn Fn(&str)) -> Result<Option<Link>, NetworkError> {
     guard().map_err(NetworkError::Refused)?;
-    crate::netns::loopback_up().map_err(NetworkError::Loopback)?;
     if let Ok(dir) = crate::kmod::modules_dir() {
         for name in NIC_MODULES {
             let _ = crate::kmod::load_by_name(&dir, name);
         }
     }
+    hold_uplink(fw, say)
+}
+
+/// [`find_step`] without loading modules (a host's are not ours to load).
+fn hold_uplink(fw: &FirewallPlan, say: &dyn Fn(&str)) -> Result<Option<Link>, NetworkError> {
+    guard().map_err(NetworkError::Refused)?;
+    crate::netns::loopback_up().map_err(NetworkError::Loopback)?;
     let mut rtnl = Rtnl::open()?;
     let Some(link) = find_uplink(&mut rtnl, &fw.uplink, FIND_WAIT)? else {
         say(&format!("cloister: network: no interface {}; no network", describe(&fw.uplink)));
         return Ok(None);
     };
-    bring_up(&mut rtnl, link, net, fw.allow_ipv6, Path::new(crate::system::PROC_SYS)).map(Some)
+    // Down whatever came before (firmware, a driver that brings its link up): the uplink's
+    // firewall goes in first.
+    rtnl.set_up(&link, false)?;
+    Ok(Some(link))
+}
+
+/// The `network` step, behind the uplink's verified firewall: a random MAC address, IPv6 off,
+/// link up, a static address if configured. Anything that fails before the link is up leaves
+/// it down.
+pub fn up_step(link: Link, net: &NetworkPlan, fw: &FirewallPlan) -> Result<Uplink, NetworkError> {
+    guard().map_err(NetworkError::Refused)?;
+    let mut rtnl = Rtnl::open()?;
+    bring_up(&mut rtnl, link, net, fw.allow_ipv6, Path::new(crate::system::PROC_SYS))
 }
 
 fn describe(uplink: &str) -> String {
@@ -205,6 +221,57 @@ pub fn status(uplink: Option<&Uplink>) -> serde_json::Value {
         "address": first.map(|a| format!("{}/{}", a.address, a.prefix)),
         "lease": lease,
     })
+}
+
+/// `--network-up <plan.json>`, for host tests in a namespace they made.
+pub const UP_ARG: &str = "--network-up";
+
+/// `--network-up <plan.json>`: stage 2 from the `firewall` step to the `network` step in the
+/// current network namespace, as PID 1 runs them (the inet table; the uplink found and held
+/// down; both tables naming it; MAC, IPv6, up, a static address), but without loading modules
+/// (host-global) or starting the DHCP client. Prints each step, then one JSON line with what
+/// `status` would show (`firewall`, `network`); exits 0 when every step passed, 1 when one
+/// failed (the link then stays down), 2 on bad usage.
+pub fn run_mode(plan: Option<&String>) -> ! {
+    let Some(path) = plan else {
+        eprintln!("usage: cloister-init {UP_ARG} <plan.json>");
+        std::process::exit(2)
+    };
+    let plan = match cloister_plan::Plan::load(Path::new(path)) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("cloister-init: {e}");
+            std::process::exit(2)
+        }
+    };
+    let say = |s: &str| println!("{s}");
+    let mut steps = crate::system::Steps::new(say);
+    let fw = &plan.firewall;
+    let timed = |t: crate::firewall::Timing| say(&format!("firewall: {t}"));
+    let mut uplink_name = None;
+    let mut uplink = None;
+    let ok = steps.run("firewall", || crate::firewall::apply_and_verify(fw, None).map(timed)).is_ok()
+        && match steps.run("uplink", || hold_uplink(fw, &say)) {
+            Ok(Some(link)) => {
+                uplink_name = Some(link.name.clone());
+                let name = link.name.clone();
+                steps
+                    .run("uplink-firewall", || crate::firewall::apply_and_verify(fw, Some(&name)).map(timed))
+                    .is_ok()
+                    && steps
+                        .run("network", || up_step(link, &plan.network, fw))
+                        .map(|u| uplink = Some(u))
+                        .is_ok()
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+    let status = json!({
+        "firewall": crate::firewall::status(fw, uplink_name.as_deref()),
+        "network": status(uplink.as_ref()),
+    });
+    println!("{status}");
+    std::process::exit(if ok { 0 } else { 1 })
 }
 
 /// Refuses to change the host's own network from a test: the same rule as the firewall's

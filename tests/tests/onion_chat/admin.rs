@@ -1,6 +1,6 @@
 //! The admin path on the same VM: the test image's admin (`ops`, key only, made per build by
 //! `cargo xtask test`) manages chat users through the onion service with the admin CLI, and
-//! every change shows in what a chat user can do next.
+//! every change shows in what a chat user can do next; `status` shows the firewall and uplink.
 
 use super::*;
 
@@ -85,6 +85,20 @@ pub fn admin_shows_identity(ssh: &Ssh, onion: &str, host_key: &str) -> Result<()
         let scanned = cloister_tests::qr::after_marker(&shown, label);
         ensure!(scanned.as_deref() == Some(value), "the QR after {label:?} reads {scanned:?}:\n{shown}");
     }
+    Ok(())
+}
+
+/// `status`: the firewall read back afresh and still exactly what PID 1 applied, both tables
+/// with the egress one on the uplink, and the uplink with its random MAC and DHCP lease.
+pub fn admin_shows_status(ssh: &Ssh) -> Result<()> {
+    let status = ssh.admin(&["status"])?;
+    let line = |prefix: &str| status.lines().find(|l| l.starts_with(prefix)).map(str::to_string);
+    let fw = line("firewall: ").with_context(|| format!("no firewall line:\n{status}"))?;
+    ensure!(fw.starts_with("firewall: verified (inet cloister, netdev cloister: egress on "), "{fw}");
+    ensure!(fw.contains("dropped packets: "), "{fw}");
+    let net = line("network: ").with_context(|| format!("no network line:\n{status}"))?;
+    ensure!(net.contains("(random MAC)") && net.contains(" by dhcp, lease ends in "), "{net}");
+    eprintln!("{fw}\n{net}");
     Ok(())
 }
 

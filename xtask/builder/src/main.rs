@@ -60,6 +60,11 @@ pub struct Args {
     /// must contain `TestingTorNetwork 1`; recorded in the manifest).
     #[arg(long)]
     pub test_tor_network: Option<PathBuf>,
+    /// Make PID 1's firewall check fail on purpose (test images only: the plan expects one
+    /// rule more than PID 1 applies, so the image must boot with no service and no network;
+    /// recorded in the manifest).
+    #[arg(long)]
+    pub test_break_firewall_check: bool,
     /// The appliance's PID 1 binary (xtask passes its fresh release build); our other binaries
     /// (shell, bridge, ircgate) are taken from the same directory.
     #[arg(long)]

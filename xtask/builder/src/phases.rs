@@ -30,8 +30,18 @@ pub struct Plan {
     pub kdf: KdfParams,
     /// Human-readable list of test-only settings in force; empty for a production image.
     pub test_options: Vec<String>,
-    /// torrc lines of a private Tor network (test images only).
-    pub test_tor_network: Option<String>,
+    /// What test-only options put into the image.
+    pub test: TestHooks,
+}
+
+/// Test-only settings that change what goes into the image; each one is also listed in
+/// [`Plan::test_options`], so the manifest says so. All off for a production image.
+#[derive(Debug, Default)]
+pub struct TestHooks {
+    /// torrc lines of a private Tor network.
+    pub tor_network: Option<String>,
+    /// The plan's firewall gets `test_break_verify`: PID 1's read-back comparison fails.
+    pub break_firewall_check: bool,
 }
 
 impl Plan {
@@ -66,6 +76,10 @@ impl Plan {
             }
             None => None,
         };
+        if args.test_break_firewall_check {
+            test_options
+                .push("firewall check fails on purpose: no service starts, the uplink stays down".into());
+        }
         let cache_dir = match &args.cache_dir {
             Some(dir) => dir.clone(),
             None => default_cache_dir()?,
@@ -81,7 +95,10 @@ impl Plan {
             list_files: args.list_files.clone(),
             kdf,
             test_options,
-            test_tor_network,
+            test: TestHooks {
+                tor_network: test_tor_network,
+                break_firewall_check: args.test_break_firewall_check,
+            },
         })
     }
 }
@@ -210,7 +227,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             &plan.init_bin,
             &plan.cache_dir.join("data-tars"),
             &plan.config,
-            plan.test_tor_network.as_deref(),
+            &plan.test,
         )
     })?;
     if let Some(list) = &plan.list_files {

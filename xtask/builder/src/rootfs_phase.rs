@@ -42,7 +42,7 @@ pub fn build(
     init_bin: &Path,
     tar_cache: &Path,
     config: &Config,
-    test_tor_network: Option<&str>,
+    test: &crate::phases::TestHooks,
 ) -> Result<Rootfs> {
     let mut tree = Tree::new(staging)?;
     deb::merged_usr(&mut tree)?;
@@ -64,11 +64,11 @@ pub fn build(
         }
     }
     let bin_dir = init_bin.parent().unwrap_or(Path::new("."));
-    crate::chat::install(config, &mut tree, &accounts, bin_dir, test_tor_network)
+    crate::chat::install(config, &mut tree, &accounts, bin_dir, test.tor_network.as_deref())
         .context("writing the onion chat's configuration")?;
     // PID 1's binary first: the chat client's view needs its libraries (services::install).
     install_init(&mut tree, init_bin)?;
-    crate::services::install(config, &mut tree).context("resolving services")?;
+    crate::services::install(config, &mut tree, test).context("resolving services")?;
     let kernel_version = modules::find_kernel_version(staging)?;
     modules::run_depmod(staging, &kernel_version)?;
     modules::record_depmod_outputs(&mut tree, &kernel_version)?;

@@ -19,9 +19,11 @@ pub const HOSTNAME: &str = "localhost";
 /// Symlinks followed per lookup before giving up, as the kernel's MAXSYMLINKS.
 const MAX_SYMLINKS: u32 = 40;
 
-/// Resolves, writes the plan and the identity files: what the rootfs phase calls.
-pub fn install(config: &Config, tree: &mut Tree) -> Result<Plan> {
-    let plan = resolve(config, tree, build_time_unix()?)?;
+/// Resolves, writes the plan and the identity files: what the rootfs phase calls. A test
+/// image's hooks go into the plan here, after every check.
+pub fn install(config: &Config, tree: &mut Tree, test: &crate::phases::TestHooks) -> Result<Plan> {
+    let mut plan = resolve(config, tree, build_time_unix()?)?;
+    plan.firewall.test_break_verify = test.break_firewall_check;
     write_plan(tree, &plan)?;
     Ok(plan)
 }
@@ -124,6 +126,8 @@ fn firewall_plan(config: &Config, acc: &Accounts) -> Result<FirewallPlan> {
         allow_ipv6: fw.allow_ipv6,
         // A static address needs no DHCP hole in the firewall, whatever `firewall.dhcp` says.
         dhcp: fw.dhcp && config.network.mode == "dhcp",
+        // Only the builder's test option sets it (`install`), never the config.
+        test_break_verify: false,
     })
 }
 
@@ -557,6 +561,20 @@ restart = {{ max_exits = 2 }}
         assert_eq!(plan.firewall.relay_ports, [80, 443, 9001, 9030]);
         let e = fails("[firewall]\ntor_user = \"nosuchtor\"\n");
         assert_eq!(e, "firewall.tor_user: no user \"nosuchtor\" in the image");
+    }
+
+    #[test]
+    fn only_the_test_hook_breaks_the_firewall_check_and_production_plans_never_mention_it() {
+        let (_d, mut t) = image();
+        let plan = install(&Config::default(), &mut t, &crate::phases::TestHooks::default()).unwrap();
+        assert!(!plan.firewall.test_break_verify);
+        let written = std::fs::read_to_string(t.staging().join(PLAN_PATH.trim_start_matches('/'))).unwrap();
+        assert!(!written.contains("test_break_verify"), "{written}");
+        let hooks = crate::phases::TestHooks { break_firewall_check: true, ..Default::default() };
+        let plan = install(&Config::default(), &mut t, &hooks).unwrap();
+        assert!(plan.firewall.test_break_verify);
+        let written = std::fs::read_to_string(t.staging().join(PLAN_PATH.trim_start_matches('/'))).unwrap();
+        assert!(written.contains("\"test_break_verify\": true"), "{written}");
     }
 
     #[test]
