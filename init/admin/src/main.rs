@@ -34,7 +34,7 @@ const DISK_ANSWER_TIMEOUT: Duration = Duration::from_secs(330);
 const HELP: &str = "\
 commands:
   show                                the onion address and ssh host key, as text and QR codes
-  status                              services, network, uptime
+  status                              services, network, uptime, grow fill
   log                                 the newest lines of the appliance's log
   user list                           chat users, locked, expiry, second factor, logged in
   user add <name>                     add a chat user with a generated password (shown once)
