@@ -92,6 +92,10 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(network::UP_ARG) {
         network::run_mode(args.get(2));
     }
+    // The fill of a grown root's new area: a supervised child of PID 1.
+    if args.get(1).map(String::as_str) == Some(grow::fill::FILL_ARG) {
+        grow::fill::run_mode();
+    }
     // The DHCP client: a supervised child of PID 1, never PID 1 itself.
     if args.get(1).map(String::as_str) == Some(network::client::DHCP_ARG) {
         network::client::run_mode(args.get(2));

@@ -20,7 +20,7 @@ use crate::firewall::firewall_step;
 use crate::power::Ending;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::system::{self, StepRecord, Steps};
-use crate::{clock, input, kmod, mounts, network, power};
+use crate::{clock, grow, input, kmod, mounts, network, power};
 
 /// How long processes get between SIGTERM and SIGKILL at shutdown.
 const GRACE: Duration = Duration::from_secs(3);
@@ -59,6 +59,7 @@ pub fn run() -> ! {
     if let Some(key) = host_key {
         sup.show_host_key(key);
     }
+    start_grow_fill(&mut sup, &say);
     sup.watch_kernel_log();
     let ending = match sup.run(&sfd, &buttons) {
         Outcome::PowerOff => Ending::PowerOff,
@@ -138,6 +139,19 @@ fn prepare(say: &dyn Fn(&str)) -> Prepared {
         steps.run("ssh-host-key", || crate::chat::ssh_host_key_step(&chat.ssh_host_key)).ok()
     });
     Prepared { plan, steps: steps.records().to_vec(), uplink, firewall_uplink, host_key }
+}
+
+/// The fill of a grown root's new area, when stage 1 grew it and the fill (or the XFS growth
+/// after it) is not done: a unit PID 1 starts itself. It runs whatever the firewall said: it
+/// touches no network, only the root's own device. `status` shows its record either way.
+fn start_grow_fill(sup: &mut Supervisor, say: &dyn Fn(&str)) {
+    let root = Path::new("/");
+    sup.set_grow_status(Box::new(move || grow::fill::status(root)));
+    match grow::fill::work_at(root) {
+        Ok(grow::fill::Work::Nothing) => {}
+        Ok(_) => sup.add_direct(grow::fill::service()),
+        Err(e) => say(&format!("cloister: grow: cannot tell what is left to fill: {e}")),
+    }
 }
 
 /// `--supervise <plan.json> <run-dir>`: only the supervisor, for tests on a host, as PID 1 of

@@ -66,6 +66,8 @@ enum State {
     Failed,
     Stopping,
     Stopped,
+    /// A direct unit that finished its work (exit 0): not restarted.
+    Done,
 }
 
 impl State {
@@ -78,12 +80,17 @@ impl State {
             State::Failed => "failed",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
+            State::Done => "done",
         }
     }
 }
 
 struct Unit {
     svc: Service,
+    /// Started by PID 1 itself (`cloister-init <args>`), not through the launch chain: work on
+    /// the appliance's own disk that no sandbox could confine (the grow fill). Ready once
+    /// started; exit 0 means its work is done.
+    direct: bool,
     state: State,
     pid: Option<Pid>,
     log: Option<Lines>,
@@ -113,6 +120,7 @@ pub struct Supervisor<'a> {
     kmsg: Option<File>,
     network: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
     firewall: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
+    grow: Option<Box<dyn Fn() -> serde_json::Value + 'a>>,
     /// The onion address, once shown on the console.
     onion: Option<String>,
     /// sshd's host key fingerprint, shown on the console after unlock.
@@ -144,6 +152,7 @@ impl<'a> Supervisor<'a> {
             kmsg: None,
             network: None,
             firewall: None,
+            grow: None,
             onion: None,
             host_key: None,
             sessions: None,
@@ -197,6 +206,18 @@ impl<'a> Supervisor<'a> {
     /// What `status` shows under "firewall", asked afresh (a read-back) on every request.
     pub fn set_firewall_status(&mut self, firewall: Box<dyn Fn() -> serde_json::Value + 'a>) {
         self.firewall = Some(firewall);
+    }
+
+    /// Adds a unit PID 1 starts directly (see `Unit::direct`), after the plan's services.
+    pub fn add_direct(&mut self, svc: Service) {
+        let mut unit = Unit::new(svc);
+        unit.direct = true;
+        self.units.push(unit);
+    }
+
+    /// What `status` shows under "grow", asked afresh on every request.
+    pub fn set_grow_status(&mut self, grow: Box<dyn Fn() -> serde_json::Value + 'a>) {
+        self.grow = Some(grow);
     }
 
     /// Also keep kernel messages in the journal (the appliance's own, not a host's).
@@ -372,7 +393,8 @@ impl<'a> Supervisor<'a> {
         self.settled_said = true;
         let ms = self.born.elapsed().as_millis();
         // No services (a fail-closed step held them) is not "all ready".
-        if !self.units.is_empty() && self.units.iter().all(|u| u.state == State::Ready) {
+        if !self.units.is_empty() && self.units.iter().all(|u| matches!(u.state, State::Ready | State::Done))
+        {
             self.note(&format!("{} ({ms} ms in stage 2)", marker::ALL_READY));
         }
         if let Some(kib) = own_rss_kib() {
@@ -426,6 +448,9 @@ impl<'a> Supervisor<'a> {
     }
 
     fn start(&mut self, i: usize) {
+        if self.units[i].direct {
+            return self.start_direct(i);
+        }
         let netns = match (self.units[i].svc.namespaces.net, &self.chat_netns_failed) {
             (NetNs::Host, _) => None,
             (NetNs::Chat, None) => Some(self.chat_netns.clone()),
@@ -455,6 +480,27 @@ impl<'a> Supervisor<'a> {
                 unit.started = Instant::now();
                 unit.due = None;
                 self.event(i, &format!("{} (pid {pid})", service_event::STARTED));
+            }
+            Err(e) => {
+                self.event(i, &format!("{} cannot start: {e}", service_event::FAILED));
+                self.units[i].state = State::Failed;
+            }
+        }
+    }
+
+    fn start_direct(&mut self, i: usize) {
+        match spawn_direct(&self.units[i].svc) {
+            Ok((pid, log)) => {
+                let unit = &mut self.units[i];
+                unit.pid = Some(pid);
+                unit.log = Some(log);
+                unit.status = None;
+                unit.state = State::Ready;
+                unit.started = Instant::now();
+                unit.due = None;
+                self.event(i, &format!("{} (pid {pid})", service_event::STARTED));
+                let stage = self.born.elapsed().as_millis();
+                self.event(i, &format!("{} (0 ms, {stage} ms in stage 2)", service_event::READY));
             }
             Err(e) => {
                 self.event(i, &format!("{} cannot start: {e}", service_event::FAILED));
@@ -520,7 +566,7 @@ impl<'a> Supervisor<'a> {
                 Ok(_) => continue,
             };
             if let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) {
-                self.on_exit(i, &how);
+                self.on_exit(i, code, &how);
             } else if !self.on_account_change_exit(pid, code) {
                 self.with_sessions(|sessions, note| {
                     sessions.on_exit(pid, code, note);
@@ -529,7 +575,7 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn on_exit(&mut self, i: usize, how: &str) {
+    fn on_exit(&mut self, i: usize, code: i32, how: &str) {
         self.flush_unit_output(i);
         let now = Instant::now();
         let unit = &mut self.units[i];
@@ -539,6 +585,11 @@ impl<'a> Supervisor<'a> {
         if unit.state == State::Stopping {
             unit.state = State::Stopped;
             self.event(i, &format!("{} ({how})", service_event::STOPPED));
+            return;
+        }
+        if unit.direct && code == 0 && !unit.restart_now {
+            unit.state = State::Done;
+            self.event(i, &format!("{} ({how})", service_event::DONE));
             return;
         }
         let policy = unit.svc.restart;
@@ -847,6 +898,7 @@ impl<'a> Supervisor<'a> {
             "firewall": self.firewall.as_ref().map(|f| f()),
             "network": self.network.as_ref().map(|f| f()),
             "memory": crate::memory::status(&procs),
+            "grow": self.grow.as_ref().map(|f| f()),
         })
     }
 
@@ -900,6 +952,7 @@ impl Unit {
         Self {
             delay_ms: svc.restart.initial_delay_ms,
             svc,
+            direct: false,
             state: State::Waiting,
             pid: None,
             log: None,
@@ -1010,6 +1063,24 @@ fn spawn(
     let launch = Launch::new(svc, netns, new_root, hostname, false);
     let (pid, status) = spawn_chain(launch, [Stdio::null(), Stdio::from(log_w), Stdio::from(log_w2)])?;
     Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?, status))
+}
+
+/// Starts a direct unit: `svc.exec` with `svc.args`, in PID 1's namespaces, a process group of
+/// its own, an empty environment, stdin empty, stdout and stderr on one pipe.
+fn spawn_direct(svc: &Service) -> Result<(Pid, Lines), String> {
+    let (log_r, log_w) = std::io::pipe().map_err(io("output pipe"))?;
+    let log_w2 = log_w.try_clone().map_err(io("output pipe"))?;
+    let child = Command::new(&svc.exec)
+        .args(&svc.args)
+        .stdin(Stdio::null())
+        .stdout(log_w)
+        .stderr(log_w2)
+        .env_clear()
+        .process_group(0)
+        .spawn()
+        .map_err(io("spawn"))?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).map_err(|e| e.to_string())?);
+    Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?))
 }
 
 /// Starts the launch chain for `svc` on a terminal (`fds`: its stdin, stdout, stderr): a

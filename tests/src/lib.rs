@@ -219,6 +219,56 @@ pub fn xfs_clean(plain: &Path) -> Result<()> {
     run(Command::new("xfs_repair").arg("-n").arg(plain)).map(|_| ())
 }
 
+/// A plaintext XFS file mounted read-only through a loop device this test made; unmounted and
+/// detached on drop (in that order). `norecovery`: a dirty log is never replayed, nothing is
+/// written to the file.
+pub struct MountedXfs {
+    pub dir: PathBuf,
+    loop_dev: String,
+}
+
+impl MountedXfs {
+    pub fn new(plain: &Path, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = run(Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(plain))?;
+        let loop_dev = stdout(&out).trim().to_string();
+        anyhow::ensure!(loop_dev.starts_with("/dev/loop"), "losetup answered {loop_dev:?}");
+        let me = Self { dir: dir.to_owned(), loop_dev };
+        run(Command::new("mount").args(["-t", "xfs", "-o", "ro,norecovery", &me.loop_dev]).arg(dir))?;
+        Ok(me)
+    }
+}
+
+impl Drop for MountedXfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.loop_dev).status();
+    }
+}
+
+/// SHA256 of every regular file under `dir`, by path relative to it (symlinks not followed).
+pub fn file_hashes(dir: &Path) -> Result<std::collections::BTreeMap<PathBuf, String>> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file() {
+                let mut hasher = Sha256::new();
+                let mut f = std::fs::File::open(entry.path())?;
+                std::io::copy(&mut f, &mut hasher)?;
+                let rel = entry.path().strip_prefix(dir)?.to_owned();
+                out.insert(rel, format!("{:x}", hasher.finalize()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Makes a sparse copy of `src` (images are mostly zeros before encryption fills them; the copy
 /// keeps what is sparse sparse).
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {

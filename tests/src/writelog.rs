@@ -102,6 +102,7 @@ impl WriteLog {
 }
 
 /// `region` of the disk, as a buffer that entries are applied to one by one.
+#[derive(Clone)]
 pub struct Replay {
     region: Range<u64>,
     pub bytes: Vec<u8>,

@@ -374,3 +374,23 @@ fn flash_without_yes_needs_the_device_name_typed() -> Result<()> {
     run(Command::new("cmp").arg(&image).arg(&dev.0))?;
     Ok(())
 }
+
+/// An image that no longer matches its block map (changed after the build) is refused by the
+/// hasher beside the writes, with the range's offset.
+#[test]
+fn flash_refuses_an_image_that_does_not_match_its_block_map() -> Result<()> {
+    let Some(xtask) = xtask("flash_refuses_a_changed_image") else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    let image = sparse_image(dir.path(), 64 * MIB, &[(20 * MIB, 12 * MIB)])?;
+    // One byte in the data range, after `bmaptool create` hashed it.
+    let f = OpenOptions::new().write(true).open(&image)?;
+    f.write_all_at(&[0], 30 * MIB)?;
+    drop(f);
+    let dev = Loop::new(&file_of(dir.path(), "stick", 64 * MIB, 0x5a)?, false)?;
+    let out = flash(&xtask, &dev.0, &image, &["--yes", "--allow-fixed"])?;
+    let all = text(&out);
+    ensure!(!out.status.success(), "a changed image was flashed:\n{all}");
+    ensure!(all.contains("does not match its block map at offset 20971520"), "{all}");
+    ensure!(!all.contains("written and verified"), "{all}");
+    Ok(())
+}

@@ -477,13 +477,19 @@ fn flash_rows(rows: &mut Vec<Row>, image: &Path) -> Result<()> {
     ));
     rows.push(row("flash: write phase alone / dd (ratio)", format!("{:.2}", dd / r.write_secs), ""));
     rows.push(row(
-        "flash: data written / image (zeroed by device, zeros written)",
+        "flash: write / SHA256 beside it / read-back (s)",
+        format!("{:.2} s / {:.2} s / {:.2} s", r.write_secs, r.hash_secs, r.verify_secs),
+        "",
+    ));
+    rows.push(row(
+        "flash: data written / image (zeroed by device, zeros written; gap blocks read back)",
         format!(
-            "{:.0} / {:.0} MiB ({:.0} MiB, {:.0} MiB)",
+            "{:.0} / {:.0} MiB ({:.0} MiB, {:.0} MiB; {})",
             mib(r.data_bytes),
             mib(size),
             mib(r.zeroed_by_device),
-            mib(r.zeros_written)
+            mib(r.zeros_written),
+            r.gap_samples
         ),
         "",
     ));

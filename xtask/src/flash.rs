@@ -1,31 +1,33 @@
 //! `cargo xtask flash`: writes `disk.img` to a USB stick, the one command here that can destroy
 //! a user's data. The target must pass every check in [`target`]; the user types its name to
-//! confirm; then the block map's data ranges are written with O_DIRECT, the rest of the
+//! confirm; then the block map's data ranges are written with O_DIRECT while the image's bytes
+//! are checked against the block map's SHA256 on another thread ([`write`]), the rest of the
 //! image's extent is zeroed (a stick's old contents never survive inside a partition), the
-//! device is flushed, and every data range is read back bypassing the page cache and checked
-//! against the block map's SHA256. The written bytes equal `disk.img`; the backup GPT moves to
-//! the end of the stick at first boot, not here.
+//! device is flushed, and everything is read back bypassing the page cache ([`verify`]): the
+//! data compared with the image, the zeroed gaps sampled. The written bytes equal `disk.img`;
+//! the backup GPT moves to the end of the stick at first boot, not here.
 
 mod target;
+mod verify;
+mod write;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rustix::fs::{FallocateFlags, OFlags};
-use rustix::io::Errno;
-use sha2::{Digest, Sha256};
+use rustix::fs::OFlags;
 
 use crate::build;
-use cloister_bmap::{read_bmap, Bmap, BmapRange};
+use cloister_bmap::{read_bmap, Bmap};
 
 /// With this set (tests), anything but a whole loop device `/dev/loopN` is refused, whatever
 /// the other checks say.
 pub const TEST_ONLY_LOOP: &str = "CLOISTER_FLASH_TEST_ONLY_LOOP";
-const CHUNK: usize = 4 * 1024 * 1024;
+/// One O_DIRECT request: large, so that a stick (and the kernel) see few, long writes.
+const CHUNK: usize = 8 * 1024 * 1024;
 /// O_DIRECT needs buffers aligned to the logical block size; 4096 covers every disk.
 const ALIGN: usize = 4096;
 
@@ -57,7 +59,11 @@ pub struct FlashReport {
     /// Unmapped bytes we wrote as zeros because the device cannot zero a range.
     pub zeros_written: u64,
     pub write_secs: f64,
+    /// Time the hasher spent, beside the writes.
+    pub hash_secs: f64,
     pub verify_secs: f64,
+    /// Blocks of the zeroed gaps read back and found zero.
+    pub gap_samples: u64,
 }
 
 pub fn flash(args: &FlashArgs) -> Result<()> {
@@ -92,24 +98,38 @@ pub fn flash_image(args: &FlashArgs) -> Result<Option<FlashReport>> {
     if !args.yes {
         confirm(&target)?;
     }
+    let identity = file_identity(&image, &image_path)?;
     let mut report = FlashReport::default();
     let t = Instant::now();
-    write_all(&target, &image, &image_path, &bmap, &mut report)?;
+    report.hash_secs = write::write_all(&target, &image, &image_path, &bmap, &mut report)?.as_secs_f64();
     report.write_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    verify(&target, &bmap)?;
+    let verified = verify::verify(&target, &image, &bmap)?;
     report.verify_secs = t.elapsed().as_secs_f64();
+    report.gap_samples = verified.gap_samples;
+    // The read-back compared the device with the image file: it must still be the file whose
+    // bytes were checked against the block map.
+    if file_identity(&image, &image_path)? != identity {
+        bail!("{} changed while it was being written; flash it again", image_path.display());
+    }
     eprintln!(
         "flash: {} written and verified: {} bytes of data in {:.1} s ({} bytes zeroed by the device, \
-         {} written as zeros), read back in {:.1} s",
+         {} written as zeros), read back in {:.1} s ({} blocks of the zeroed gaps sampled)",
         target.dev.display(),
         report.data_bytes,
         report.write_secs,
         report.zeroed_by_device,
         report.zeros_written,
-        report.verify_secs
+        report.verify_secs,
+        report.gap_samples
     );
     Ok(Some(report))
+}
+
+/// Inode, size and modification and change times: a rewrite of the file changes one of them.
+fn file_identity(image: &File, path: &Path) -> Result<(u64, u64, u64, i64, i64, i64, i64)> {
+    let m = image.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+    Ok((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 fn is_whole_loop(name: &str) -> bool {
@@ -149,7 +169,8 @@ fn show(target: &target::Target, image: &Path, bmap_path: &Path, bmap: &Bmap) {
     let gaps = bmap.unmapped_spans();
     println!(
         "plan: write {} bytes of data in {} ranges from {} (map {}), zero {} bytes in {} ranges, \
-         flush, read back and check the {} data bytes; bytes past {} stay as they are",
+         flush, read back and check the {} data bytes and samples of the zeros; bytes past {} \
+         stay as they are",
         bmap.mapped_bytes(),
         bmap.ranges.len(),
         image.display(),
@@ -207,212 +228,42 @@ fn open_device(target: &target::Target, write: bool) -> Result<File> {
         .with_context(|| format!("cannot open {} exclusively with O_DIRECT", target.dev.display()))
 }
 
-/// Walks the image's extent in order: data ranges are copied, the gaps between them zeroed.
-fn write_all(
-    target: &target::Target,
-    image: &File,
-    image_path: &Path,
-    bmap: &Bmap,
-    report: &mut FlashReport,
-) -> Result<()> {
-    let dev = open_device(target, true)?;
-    let mut buf = Aligned::zeroed(CHUNK);
-    let mut progress = Progress::new(bmap.image_size);
-    let mut gaps = bmap.unmapped_spans().into_iter().peekable();
-    for range in &bmap.ranges {
-        let (start, len) = bmap.byte_span(range);
-        while let Some(gap) = gaps.next_if(|g| g.0 < start) {
-            zero(&dev, target, gap, &mut buf, report, &mut progress)?;
-        }
-        copy_range(&dev, target, image, image_path, bmap, range, &mut buf, &mut progress)?;
-        report.data_bytes += len;
-    }
-    for gap in gaps {
-        zero(&dev, target, gap, &mut buf, report, &mut progress)?;
-    }
-    dev.sync_all()
-        .with_context(|| format!("flushing {} failed: the stick may be faulty", target.dev.display()))?;
-    progress.finish();
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn copy_range(
-    dev: &File,
-    target: &target::Target,
-    image: &File,
-    image_path: &Path,
-    bmap: &Bmap,
-    range: &BmapRange,
-    buf: &mut Aligned,
-    progress: &mut Progress,
-) -> Result<()> {
-    let (start, len) = bmap.byte_span(range);
-    let mut hasher = Sha256::new();
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        let at = start + done;
-        let chunk = buf.get(n);
-        image
-            .read_exact_at(chunk, at)
-            .with_context(|| format!("cannot read {} at {at}", image_path.display()))?;
-        let chunk = &*chunk;
-        // Hashing and the device write overlap: both only read the chunk.
-        std::thread::scope(|s| {
-            s.spawn(|| hasher.update(chunk));
-            write_at(dev, target, chunk, at)
-        })?;
-        done += n as u64;
-        progress.add(n as u64);
-    }
-    if format!("{:x}", hasher.finalize()) != range.sha256 {
-        bail!(
-            "{} does not match its block map at offset {start} (blocks {}-{}): rebuild the image; \
-             {} now holds a partial image",
-            image_path.display(),
-            range.first,
-            range.last,
-            target.dev.display()
-        );
-    }
-    Ok(())
-}
-
-/// Writes `chunk` at `at`; an error names the exact byte offset where the device gave up.
+/// Writes `chunk` at `at`; an error names the exact byte offset where the device gave up. A
+/// device fails a whole request, so a failed large write is tried again block by block to find
+/// the first block it refuses (rewriting blocks of a device that is being overwritten anyway).
 fn write_at(dev: &File, target: &target::Target, chunk: &[u8], at: u64) -> Result<()> {
+    let Err((off, e)) = write_fully(dev, chunk, at) else { return Ok(()) };
+    let block = (target.logical_block as usize).max(ALIGN);
+    let first_bad = if chunk.len() > block {
+        chunk.chunks(block).enumerate().find_map(|(i, piece)| {
+            let piece_at = at + (i * block) as u64;
+            write_fully(dev, piece, piece_at).err().map(|(bad, _)| bad)
+        })
+    } else {
+        None
+    };
+    Err(e).with_context(|| {
+        format!(
+            "write to {} failed at offset {}: the device is now partly written",
+            target.dev.display(),
+            first_bad.unwrap_or(off)
+        )
+    })
+}
+
+/// `write_all_at` that says where it stopped.
+fn write_fully(dev: &File, chunk: &[u8], at: u64) -> std::result::Result<(), (u64, std::io::Error)> {
     let mut done = 0;
     while done < chunk.len() {
         let off = at + done as u64;
-        let fail = |e: std::io::Error| {
-            Err(e).with_context(|| {
-                format!(
-                    "write to {} failed at offset {off}: the device is now partly written",
-                    target.dev.display()
-                )
-            })
-        };
         match dev.write_at(&chunk[done..], off) {
-            Ok(0) => return fail(std::io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err((off, std::io::ErrorKind::WriteZero.into())),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return fail(e),
+            Err(e) => return Err((off, e)),
         }
     }
     Ok(())
-}
-
-/// Zeroes a gap: the device's own write-zeroes when it has one (through fallocate, where the
-/// kernel falls back to writing zero pages itself), else our zero buffer.
-fn zero(
-    dev: &File,
-    target: &target::Target,
-    (start, len): (u64, u64),
-    buf: &mut Aligned,
-    report: &mut FlashReport,
-    progress: &mut Progress,
-) -> Result<()> {
-    if zero_by_device(dev, target, start, len, progress)? {
-        report.zeroed_by_device += len;
-        return Ok(());
-    }
-    buf.get(CHUNK).fill(0);
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        write_at(dev, target, buf.get(n), start + done)?;
-        done += n as u64;
-        progress.add(n as u64);
-    }
-    report.zeros_written += len;
-    Ok(())
-}
-
-/// `FALLOC_FL_ZERO_RANGE` in chunks (progress moves, and a failure is placed within one
-/// chunk); `false` when the device cannot do it at all.
-fn zero_by_device(
-    dev: &File,
-    target: &target::Target,
-    start: u64,
-    len: u64,
-    progress: &mut Progress,
-) -> Result<bool> {
-    let flags = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(CHUNK as u64);
-        let at = start + done;
-        match rustix::fs::fallocate(dev, flags, at, n) {
-            Ok(()) => {}
-            Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) if done == 0 => return Ok(false),
-            Err(e) => {
-                return Err(std::io::Error::from(e)).with_context(|| {
-                    format!("zeroing {} failed at offset {at} (a {n}-byte span)", target.dev.display())
-                })
-            }
-        }
-        progress.add(n);
-        done += n;
-    }
-    Ok(true)
-}
-
-/// Reads every data range back with O_DIRECT (so the page cache cannot answer for the device)
-/// and checks it against the block map.
-fn verify(target: &target::Target, bmap: &Bmap) -> Result<()> {
-    let dev = open_device(target, false)?;
-    let mut bufs = [Aligned::zeroed(CHUNK), Aligned::zeroed(CHUNK)];
-    eprintln!("flash: reading back {} bytes", bmap.mapped_bytes());
-    for range in &bmap.ranges {
-        let (start, len) = bmap.byte_span(range);
-        if hash_device_span(&dev, target, start, len, &mut bufs)? != range.sha256 {
-            bail!(
-                "verify failed: {} differs from the image at offset {start} ({len} bytes, blocks {}-{}): \
-                 the stick is faulty or was changed while writing",
-                target.dev.display(),
-                range.first,
-                range.last
-            );
-        }
-    }
-    Ok(())
-}
-
-/// SHA256 of `len` bytes at `start`, hashing one buffer while the next is read.
-fn hash_device_span(
-    dev: &File,
-    target: &target::Target,
-    start: u64,
-    len: u64,
-    bufs: &mut [Aligned; 2],
-) -> Result<String> {
-    let read = |buf: &mut Aligned, done: u64| -> Result<usize> {
-        let n = (len - done).min(CHUNK as u64) as usize;
-        let at = start + done;
-        dev.read_exact_at(buf.get(n), at)
-            .with_context(|| format!("read-back of {} failed at offset {at}", target.dev.display()))?;
-        Ok(n)
-    };
-    let mut hasher = Sha256::new();
-    let [a, b] = bufs;
-    let (mut cur, mut next) = (a, b);
-    let mut n = if len > 0 { read(cur, 0)? } else { 0 };
-    let mut done = n as u64;
-    while n > 0 {
-        let chunk = &cur.get(n)[..];
-        let following = std::thread::scope(|s| {
-            s.spawn(|| hasher.update(chunk));
-            if done < len {
-                read(next, done)
-            } else {
-                Ok(0)
-            }
-        })?;
-        done += following as u64;
-        n = following;
-        std::mem::swap(&mut cur, &mut next);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// `written / total, MB/s, ETA` on stderr: in place on a terminal, a line every few seconds

@@ -137,6 +137,16 @@ fn status(answer: &Value) -> String {
     if !answer["network"].is_null() {
         out.push_str(&format!("\nnetwork: {}", network(&answer["network"])));
     }
+    let g = &answer["grow"];
+    if !g.is_null() {
+        out.push_str(&format!(
+            "\ngrow: {} {}% (filled to {} of {} bytes)",
+            text(&g["state"]),
+            g["percent"],
+            g["filled_to"],
+            g["end"]
+        ));
+    }
     out
 }
 
@@ -285,6 +295,19 @@ mod tests {
         let t = answer(&["status"], &bad);
         assert!(t.contains("firewall: differs: unexpected table x (family 2)? (inet cloister)"), "{t}");
         assert!(t.ends_with("network: no uplink"), "{t}");
+    }
+
+    #[test]
+    fn status_shows_the_grow_fill_when_there_is_one() {
+        let a = json!({"ok": true, "uptime_ms": 61000, "services": [
+            {"name": "grow-fill", "state": "ready", "restarts": 0}],
+            "network": null, "grow": {"state": "filling", "percent": 25.0, "filled_to": 175, "end": 400}});
+        assert_eq!(
+            answer(&["status"], &a),
+            "up 0h 01m 01s\n  grow-fill        ready     restarts 0\ngrow: filling 25.0% (filled to 175 of 400 bytes)"
+        );
+        let none = json!({"ok": true, "uptime_ms": 0, "services": [], "grow": null});
+        assert_eq!(answer(&["status"], &none), "up 0h 00m 00s");
     }
 
     #[test]

@@ -34,7 +34,8 @@ const DISK_ANSWER_TIMEOUT: Duration = Duration::from_secs(330);
 const HELP: &str = "\
 commands:
   show                                the onion address and ssh host key, as text and QR codes
-  status [--json]                     services, memory, network, uptime (--json: as PID 1 says it)
+  status [--json]                     services, memory, firewall, network, grow fill, uptime
+                                      (--json: PID 1's answer as it is)
   log                                 the newest lines of the appliance's log
   user list                           chat users, locked, expiry, second factor, logged in
   user add <name>                     add a chat user with a generated password (shown once)

@@ -64,11 +64,22 @@ pub mod marker {
     /// Printed once no service is on its way up for the first time any more (after
     /// [`ALL_READY`] if they all are): `cloister: pid 1 rss <n> KiB`.
     pub const PID1_RSS: &str = "cloister: pid 1 rss";
-    /// Printed by stage 1 when first-boot growth changed something:
-    /// `cloister: grow: root partition <old> -> <new> bytes; xfs <old> -> <new> blocks`.
+    /// Printed by stage 1 when first-boot growth changed something or has work left:
+    /// `cloister: grow: root partition <old> -> <new> bytes; <n> bytes to fill, then xfs grows`
+    /// (`unchanged` for a partition an earlier boot grew).
     pub const GROW: &str = "cloister: grow: root partition";
-    /// Printed by stage 1 when the root already fills its disk.
+    /// Printed by stage 1 when the root already fills its disk and nothing is left to fill.
     pub const GROW_NOTHING: &str = "cloister: grow: nothing to do";
+    /// Stage 2's fill of the grown area starts: `cloister: grow: filling <a>..<b> (<n> bytes)
+    /// with ciphertext`, after `cloister: grow: resuming the fill at <offset>` when an earlier
+    /// boot got that far.
+    pub const GROW_FILLING: &str = "cloister: grow: filling";
+    pub const GROW_RESUMING: &str = "cloister: grow: resuming the fill at";
+    /// Each tenth of the fill, once on disk: `cloister: grow: filled <p>% (<offset> of <end>)`.
+    pub const GROW_FILLED: &str = "cloister: grow: filled";
+    /// The fill is done and XFS grew online:
+    /// `cloister: grow: xfs <old> -> <new> blocks (<n> bytes filled in <s> s)`.
+    pub const GROW_XFS: &str = "cloister: grow: xfs";
     /// Printed by stage 1 when growth failed; the boot goes on: `cloister: grow: failed: <why>`.
     pub const GROW_FAILED: &str = "cloister: grow: failed:";
     /// Printed instead of starting services when the firewall step failed.
@@ -97,6 +108,8 @@ pub mod service_event {
     pub const FAILED: &str = "failed:";
     /// `stopped (<how>)`
     pub const STOPPED: &str = "stopped";
+    /// `done (<how>)`: a unit PID 1 runs for a piece of work (the grow fill) finished it.
+    pub const DONE: &str = "done";
 
     /// `cloister: service <name> <event>`
     pub fn line(name: &str, event: &str) -> String {

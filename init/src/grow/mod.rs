@@ -1,10 +1,12 @@
-//! First-boot growth of the root to the whole disk, run by stage 1 once the root is unlocked and
-//! mounted: the GPT on the root's disk (only that disk: the one the kernel says holds the
+//! First-boot growth of the root to the whole disk. Stage 1, once the root is unlocked and
+//! mounted, grows the GPT on the root's disk (only that disk: the one the kernel says holds the
 //! partition whose PARTUUID the command line names), then the kernel's idea of the partition
-//! (BLKPG), the open dm-crypt mapping (libcryptsetup) and the mounted XFS (online growfs).
+//! (BLKPG) and the open dm-crypt mapping (libcryptsetup). The mounted XFS grows later, in stage
+//! 2, once [`fill`] has written ciphertext over the mapping's new area (see there why).
 //! Each layer is compared with the one below it on every boot, so a boot cut short anywhere
 //! finishes the job on the next boot, and a grown disk finds nothing to do.
 
+pub mod fill;
 mod table;
 
 use std::fs::{File, OpenOptions};
@@ -33,6 +35,8 @@ pub enum GrowError {
     CryptKey { name: &'static str, source: LibcryptErr },
     #[error("resize dm-crypt mapping {name}: {source}")]
     CryptResize { name: &'static str, source: LibcryptErr },
+    #[error("what is left to fill: {0}")]
+    Fill(Box<fill::FillError>),
     #[error("xfs geometry of {path}: {source}")]
     XfsGeometry { path: PathBuf, source: nix::Error },
     #[error("grow xfs at {path} to {blocks} blocks: {source}")]
@@ -51,18 +55,19 @@ pub struct Root<'a> {
     pub mountpoint: &'a Path,
 }
 
-/// What changed, for the console line.
+/// What changed and what is left, for the console line.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Grown {
     /// The partition's bytes before and after, when the GPT changed.
     pub partition: Option<(u64, u64)>,
-    /// The file system's data blocks before and after, when XFS grew.
-    pub xfs: Option<(u64, u64)>,
+    /// Bytes stage 2 still has to fill before XFS grows (0: only the growth is left); `None`
+    /// when XFS already spans the mapping.
+    pub to_fill: Option<u64>,
 }
 
 impl std::fmt::Display for Grown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.partition.is_none() && self.xfs.is_none() {
+        if self.partition.is_none() && self.to_fill.is_none() {
             return f.write_str(cloister_proto::marker::GROW_NOTHING);
         }
         // A boot that finishes an interrupted grow may have only the upper layers left to do.
@@ -70,11 +75,11 @@ impl std::fmt::Display for Grown {
             Some((p0, p1)) => format!("{p0} -> {p1} bytes"),
             None => "unchanged".into(),
         };
-        let xfs = match self.xfs {
-            Some((x0, x1)) => format!("{x0} -> {x1} blocks"),
-            None => "unchanged".into(),
+        let rest = match self.to_fill {
+            Some(n) => format!("{n} bytes to fill, then xfs grows"),
+            None => "xfs unchanged".into(),
         };
-        write!(f, "{} {partition}; xfs {xfs}", cloister_proto::marker::GROW)
+        write!(f, "{} {partition}; {rest}", cloister_proto::marker::GROW)
     }
 }
 
@@ -119,13 +124,9 @@ fn open_rw(path: &Path) -> Result<File, GrowError> {
         .map_err(|source| GrowError::Open { path: path.to_owned(), source })
 }
 
-fn device_bytes(path: &Path) -> Result<u64, GrowError> {
-    let f = File::open(path).map_err(|source| GrowError::Open { path: path.to_owned(), source })?;
-    ioctl::device_bytes(&f).map_err(|source| GrowError::Size { path: path.to_owned(), source })
-}
-
-/// Grows every layer that is smaller than the one below it. `passphrase` loads the volume key
-/// into the kernel keyring, which libcryptsetup needs to reload a LUKS2 mapping's table.
+/// Grows the GPT, the partition and the mapping where they are smaller than the layer below,
+/// and says what stage 2's fill has left. `passphrase` loads the volume key into the kernel
+/// keyring, which libcryptsetup needs to reload a LUKS2 mapping's table.
 pub fn run(root: &Root, passphrase: &[u8]) -> Result<Grown, GrowError> {
     let part = kernel_part(root.partition)?;
     let (partition, new_bytes) = grow_table(&part, root.partuuid)?;
@@ -137,8 +138,8 @@ pub fn run(root: &Root, passphrase: &[u8]) -> Result<Grown, GrowError> {
             .map_err(|source| GrowError::Blkpg { disk: part.disk.clone(), number: part.number, source })?;
         resize_mapping(root.mapping, passphrase)?;
     }
-    let xfs = grow_xfs(root)?;
-    Ok(Grown { partition, xfs })
+    let work = fill::work_at(root.mountpoint).map_err(|e| GrowError::Fill(Box::new(e)))?;
+    Ok(Grown { partition, to_fill: work.to_fill() })
 }
 
 /// The GPT step; returns the change and the partition's size the GPT now gives.
@@ -176,11 +177,10 @@ fn resize_mapping(name: &'static str, passphrase: &[u8]) -> Result<(), GrowError
     device.context_handle().resize(name, 0).map_err(|source| GrowError::CryptResize { name, source })
 }
 
-/// Grows the mounted XFS to the mapping's size when that adds at least one block.
-fn grow_xfs(root: &Root) -> Result<Option<(u64, u64)>, GrowError> {
-    let mapped = Path::new("/dev/mapper").join(root.mapping);
-    let bytes = device_bytes(&mapped)?;
-    let path = root.mountpoint.to_owned();
+/// Grows the XFS mounted at `mountpoint` to `bytes` (the mapping's size) when that adds at
+/// least one block; the data blocks before and after when it grew.
+fn grow_xfs(mountpoint: &Path, bytes: u64) -> Result<Option<(u64, u64)>, GrowError> {
+    let path = mountpoint.to_owned();
     let dir = File::open(&path).map_err(|source| GrowError::Open { path: path.clone(), source })?;
     let geometry = |dir: &File| {
         ioctl::xfs_geometry(dir).map_err(|source| GrowError::XfsGeometry { path: path.clone(), source })
@@ -207,12 +207,18 @@ mod tests {
     #[test]
     fn console_lines() {
         assert_eq!(Grown::default().to_string(), "cloister: grow: nothing to do");
-        let g = Grown { partition: Some((1 << 30, 4 << 30)), xfs: Some((100, 400)) };
+        let g = Grown { partition: Some((1 << 30, 4 << 30)), to_fill: Some(3 << 30) };
         assert_eq!(
             g.to_string(),
-            "cloister: grow: root partition 1073741824 -> 4294967296 bytes; xfs 100 -> 400 blocks"
+            "cloister: grow: root partition 1073741824 -> 4294967296 bytes; 3221225472 bytes to fill, \
+             then xfs grows"
         );
-        let g = Grown { partition: None, xfs: Some((100, 400)) };
-        assert_eq!(g.to_string(), "cloister: grow: root partition unchanged; xfs 100 -> 400 blocks");
+        let g = Grown { partition: None, to_fill: Some(0) };
+        assert_eq!(
+            g.to_string(),
+            "cloister: grow: root partition unchanged; 0 bytes to fill, then xfs grows"
+        );
+        let g = Grown { partition: Some((1, 2)), to_fill: None };
+        assert_eq!(g.to_string(), "cloister: grow: root partition 1 -> 2 bytes; xfs unchanged");
     }
 }
