@@ -89,11 +89,20 @@ pub fn by_program(procs: &[Process]) -> (BTreeMap<String, Sum>, Sum) {
     (per, total)
 }
 
-/// The `memory` object of `status`: the machine's totals and each program's.
+/// The process `pid` alone.
+pub fn process(procs: &[Process], pid: i32) -> Sum {
+    let mut sum = Sum::default();
+    procs.iter().filter(|p| p.pid == pid).for_each(|p| sum.add(p));
+    sum
+}
+
+/// The `memory` object of `status`: the machine's totals, each program's, and PID 1's own
+/// (its program's figure, `init`, also holds every launch chain and ns-init, which run the
+/// same binary).
 pub fn status(procs: &[Process]) -> Value {
     let (per, total) = by_program(procs);
     let programs: serde_json::Map<String, Value> = per.into_iter().map(|(k, v)| (k, v.to_json())).collect();
-    json!({ "total": total.to_json(), "programs": programs })
+    json!({ "total": total.to_json(), "programs": programs, "pid1": process(procs, 1).to_json() })
 }
 
 #[cfg(test)]
@@ -135,6 +144,10 @@ mod tests {
         assert_eq!(per["sshd: bob (priv)"].rss_kib, 8000);
         assert_eq!(total, Sum { processes: 6, rss_kib: 63_000, pss_kib: 47_000 });
         assert_eq!(status(&procs)["programs"]["tor"]["pss_kib"], 38_000);
+        // PID 1 on its own, apart from the launch chains that share its program name.
+        assert_eq!(process(&procs, 1), Sum { processes: 1, rss_kib: 6000, pss_kib: 4000 });
+        assert_eq!(status(&procs)["pid1"], json!({"processes": 1, "rss_kib": 6000, "pss_kib": 4000}));
+        assert_eq!(process(&procs, 2), Sum::default(), "a kernel thread has no memory figure");
     }
 
     /// The real /proc of the machine running the test: this process is in it, with memory.

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod console;
+pub mod onion;
 pub mod qr;
 pub mod rawframe;
 pub mod tools;

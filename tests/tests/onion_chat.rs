@@ -3,17 +3,19 @@
 //! takes a lease, publishes its onion service through that network, and a user logs in with
 //! OpenSSH's client through the network's tor client: tor -> bridge -> sshd -> restricted shell.
 //! Every tor and ssh client runs inside that namespace, which has no route out. The VM boots
-//! once and runs every scenario.
+//! once and runs every scenario. The harness (network, tap, udhcpd, ssh, terminals) is
+//! `cloister_tests::onion`, which the onion benchmark shares.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cloister_proto::marker;
 use cloister_qemu::{Firmware, Network, Vm, VmConfig};
 use cloister_tests::capture::{self, Capture};
+use cloister_tests::onion::*;
 use cloister_tests::tornet;
 use cloister_tests::*;
 
@@ -27,17 +29,6 @@ mod disk;
 mod totp;
 
 const TAP: &str = "ctap-onion";
-const TO_UNLOCK: Duration = Duration::from_secs(240);
-/// The network bootstraps while other tests run; this bounds the wait if it has not yet.
-const TO_NETWORK: Duration = Duration::from_secs(600);
-const TO_ONION: Duration = Duration::from_secs(600);
-/// First login: the appliance's tor must bootstrap under TCG and publish its descriptor.
-const TO_FIRST_LOGIN: Duration = Duration::from_secs(900);
-
-struct Net {
-    netns: String,
-    socks: String,
-}
 
 #[test]
 fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Result<()> {
@@ -48,9 +39,7 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     let dir = e2e.scratch("onion-chat")?;
     let disk = dir.join("disk.img");
     sparse_copy(&e2e.image, &disk)?;
-    netns_run(&net.netns, &["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    let _tap = TapGuard(net.netns.clone());
-    netns_run(&net.netns, &["ip", "link", "set", TAP, "master", "tornet0", "up"])?;
+    let _tap = Tap::add(&net, TAP)?;
     let _udhcpd = start_udhcpd(&net.netns, &dir)?;
     // Everything the appliance sends, from its first frame to power off, is judged at the end.
     let capture = Capture::start(&net.netns)?;
@@ -79,12 +68,13 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
         ensure!(scanned.is_ok(), "the console's QR code after {marker:?} never read {value}");
     }
     let images = e2e.image.parent().context("image dir")?;
-    let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images, transcript: &chat_log };
+    let socks_connect = Path::new(env!("CARGO_BIN_EXE_socks_connect"));
+    let ssh = Ssh { net: &net, dir: &dir, onion: &onion, images, socks_connect, isolate: false };
     let first = timed("first login through the onion service", || ssh.first_login("alice"))?;
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    let result = scenarios(&ssh, &host_key)
+    let result = scenarios(&ssh, &host_key, &chat_log)
         .and_then(|()| {
             timed("admin console: refusals, password, enrolment, password and code", || {
                 console::console_admin_entry(&vm, &ssh)
@@ -160,8 +150,9 @@ fn judge_capture(frames: &[capture::Frame]) -> Result<String> {
 }
 
 /// Everything else on the same VM: each refusal leaves the service working for the next.
-fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
-    timed("two users chat through irssi; the client cannot escape", || two_users_chat(ssh))?;
+/// alice's chat session is kept in `transcript`, escape sequences removed (a test artifact).
+fn scenarios(ssh: &Ssh, host_key: &str, transcript: &Path) -> Result<()> {
+    timed("two users chat through irssi; the client cannot escape", || two_users_chat(ssh, transcript))?;
     timed("a command instead of the shell is refused", || {
         let out = ssh.run("bob", &[], &["id"], "")?;
         let text = both(&out);
@@ -285,37 +276,13 @@ fn scenarios(ssh: &Ssh, host_key: &str) -> Result<()> {
 
 /// alice and bob open `chat`, join one channel and each sees the other's random token; then
 /// alice tries what the sandbox must refuse: /exec, perl, and info commands to the server.
-fn two_users_chat(ssh: &Ssh) -> Result<()> {
+fn two_users_chat(ssh: &Ssh, transcript: &Path) -> Result<()> {
     let alice = Terminal::open(ssh, "alice")?;
     let bob = Terminal::open(ssh, "bob")?;
     let result = chat_and_probe(&alice, &bob, ssh.net);
-    std::fs::write(ssh.transcript, plain(&alice.text_since(0)))?;
-    std::fs::write(ssh.transcript.with_extension("raw"), alice.text_since(0))?;
+    std::fs::write(transcript, plain(&alice.text_since(0)))?;
+    std::fs::write(transcript.with_extension("raw"), alice.text_since(0))?;
     result
-}
-
-/// Terminal output without its escape sequences (CSI and the two-byte ones), for reading.
-fn plain(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\u{1b}' => {
-                match chars.next() {
-                    Some('[') => while chars.next().is_some_and(|c| !c.is_ascii_alphabetic() && c != '~') {},
-                    // Character set designations: one more byte.
-                    Some('(' | ')') => {
-                        chars.next();
-                    }
-                    _ => {}
-                }
-            }
-            '\r' => {}
-            c if c.is_control() && c != '\n' => {}
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn chat_and_probe(alice: &Terminal, bob: &Terminal, net: &Net) -> Result<()> {
@@ -495,421 +462,4 @@ fn passwd_dialogue(ssh: &Ssh, user: &str, answers: &[(&str, &String)]) -> Result
     t.send("exit\n")?;
     t.wait_for("bye", Duration::from_secs(60))?;
     Ok(t.text_since(0))
-}
-
-/// An interactive ssh session whose output is collected by a thread, for typing into irssi.
-struct Terminal {
-    child: std::process::Child,
-    stdin: std::sync::Mutex<std::process::ChildStdin>,
-    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    user: String,
-}
-
-impl Terminal {
-    fn open(ssh: &Ssh, user: &str) -> Result<Self> {
-        let mut child = ssh
-            .command(user, &["-tt"], &[])?
-            .env("TERM", "xterm")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        for mut from in [
-            Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().context("stderr")?),
-        ] {
-            let to = output.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    to.lock().map(|mut v| v.extend_from_slice(&buf[..n])).ok();
-                }
-            });
-        }
-        Ok(Self { child, stdin: std::sync::Mutex::new(stdin), output, user: user.into() })
-    }
-
-    fn send(&self, text: &str) -> Result<()> {
-        let mut stdin = self.stdin.lock().map_err(|_| anyhow::anyhow!("stdin lock"))?;
-        // Typed a little at a time, as a person would: irssi reads keys, not lines.
-        for chunk in text.as_bytes().chunks(16) {
-            stdin.write_all(chunk)?;
-            stdin.flush()?;
-            std::thread::sleep(Duration::from_millis(30));
-        }
-        Ok(())
-    }
-
-    fn len(&self) -> usize {
-        self.output.lock().map(|v| v.len()).unwrap_or(0)
-    }
-
-    /// Everything after byte `mark`, escape sequences and all.
-    fn text_since(&self, mark: usize) -> String {
-        self.output
-            .lock()
-            .map(|v| String::from_utf8_lossy(&v[mark.min(v.len())..]).into_owned())
-            .unwrap_or_default()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let start = 0;
-        loop {
-            if self.text_since(start).contains(needle) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let text = self.text_since(0);
-                let tail: String =
-                    text.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-                bail!("{}: {needle:?} did not appear within {timeout:?}; last output:\n{tail:?}", self.user);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// How a client authenticates: chat users by password, the admin by key.
-#[derive(Clone, Copy)]
-enum Auth {
-    Password,
-    Key,
-}
-
-struct Ssh<'a> {
-    net: &'a Net,
-    dir: &'a Path,
-    onion: &'a str,
-    /// The test image's directory, where `chat-<user>` holds each test password.
-    images: &'a Path,
-    /// Where alice's chat session is kept, escape sequences removed (a test artifact).
-    transcript: &'a Path,
-}
-
-impl Ssh<'_> {
-    /// `ssh` inside the network's namespace, through its tor client, trusting only its own
-    /// known_hosts file and typing the password from the user's file (askpass).
-    /// `options` go before the destination and `remote` (a command for sshd) after it: ssh takes
-    /// its first non-option word as the host.
-    fn command(&self, user: &str, options: &[&str], remote: &[&str]) -> Result<Command> {
-        let auth = if user == admin::ADMIN { Auth::Key } else { Auth::Password };
-        self.command_with(user, auth, options, remote)
-    }
-
-    fn command_with(&self, user: &str, auth: Auth, options: &[&str], remote: &[&str]) -> Result<Command> {
-        let mut tail = vec![format!("{user}@{}", self.onion)];
-        tail.extend(remote.iter().map(|r| r.to_string()));
-        self.client("ssh", user, auth, options, &tail)
-    }
-
-    /// The admin CLI runs `command` (`ssh ops@x.onion user list`); its output, if it succeeded.
-    fn admin(&self, command: &[&str]) -> Result<String> {
-        let out = self.admin_output(command)?;
-        ensure!(out.status.success(), "admin {command:?} failed: {}", both(&out));
-        Ok(stdout(&out))
-    }
-
-    fn admin_output(&self, command: &[&str]) -> Result<Output> {
-        self.run(admin::ADMIN, &[], command, "")
-    }
-
-    /// Whether `user` gets the chat shell with its current password.
-    fn logs_in(&self, user: &str) -> Result<bool> {
-        Ok(both(&self.session(user, "exit\n")?).contains("bye"))
-    }
-
-    /// The admin account tried with `password`: sshd offers admins keys only.
-    fn password_login_as_admin(&self, password: &str) -> Result<Output> {
-        std::fs::write(self.password_file(admin::ADMIN), format!("{password}\n"))?;
-        let child = self
-            .command_with(admin::ADMIN, Auth::Password, &[], &["status"])?
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        finish(child, "", Duration::from_secs(300))
-    }
-
-    /// Where the password the next login of `user` types is kept (0600, the scratch directory).
-    fn password_file(&self, user: &str) -> PathBuf {
-        self.dir.join(format!("password-{user}"))
-    }
-
-    /// `scp` of `remote` (a path on the appliance) to `local`, with the same options as ssh.
-    fn scp(&self, user: &str, remote: &str, local: &Path) -> Result<Output> {
-        let tail = [format!("{user}@{}:{remote}", self.onion), local.display().to_string()];
-        let child = self
-            .client("scp", user, Auth::Password, &[], &tail)?
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        finish(child, "", Duration::from_secs(300))
-    }
-
-    /// OpenSSH's `program` (ssh, scp) inside the network's namespace with the test's options,
-    /// then `options` and `tail`.
-    fn client(
-        &self,
-        program: &str,
-        user: &str,
-        auth: Auth,
-        options: &[&str],
-        tail: &[String],
-    ) -> Result<Command> {
-        let askpass = self.dir.join(format!("askpass-{user}"));
-        if matches!(auth, Auth::Password) && !askpass.exists() {
-            // The script reads the user's current password from a copy the test may replace
-            // (or has written already, for a user the test made).
-            let pw = self.password_file(user);
-            if !pw.exists() {
-                std::fs::copy(self.images.join(format!("chat-{user}")), &pw)?;
-            }
-            std::fs::write(&askpass, format!("#!/bin/sh\ncat '{}'\n", pw.display()))?;
-            std::os::unix::fs::PermissionsExt::set_mode(
-                &mut std::fs::metadata(&askpass)?.permissions(),
-                0o700,
-            );
-            std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        }
-        let proxy = format!("{} {} %h %p", env!("CARGO_BIN_EXE_socks_connect"), self.net.socks);
-        let known = self.dir.join("known_hosts");
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.net.netns, program, "-F", "/dev/null"]);
-        let auth_options = match auth {
-            Auth::Password => vec![
-                "PreferredAuthentications=password".to_string(),
-                "PubkeyAuthentication=no".into(),
-                "NumberOfPasswordPrompts=1".into(),
-            ],
-            Auth::Key => vec![
-                "PreferredAuthentications=publickey".to_string(),
-                format!("IdentityFile={}", self.admin_key()?.display()),
-                "IdentitiesOnly=yes".into(),
-                "PasswordAuthentication=no".into(),
-                "BatchMode=yes".into(),
-            ],
-        };
-        let common = [
-            format!("ProxyCommand={proxy}"),
-            format!("UserKnownHostsFile={}", known.display()),
-            "StrictHostKeyChecking=accept-new".into(),
-            "CheckHostIP=no".into(),
-            "ConnectTimeout=120".into(),
-            "ServerAliveInterval=30".into(),
-        ];
-        for o in common.into_iter().chain(auth_options) {
-            c.arg("-o").arg(o);
-        }
-        // ssh keeps the first value it is given: a caller's LogLevel must come first.
-        if !options.iter().any(|o| o.starts_with("LogLevel=")) {
-            c.args(["-o", "LogLevel=ERROR"]);
-        }
-        c.args(options).args(tail);
-        c.env("SSH_ASKPASS", &askpass).env("SSH_ASKPASS_REQUIRE", "force").env("DISPLAY", ":0");
-        c.env_remove("SSH_AUTH_SOCK");
-        Ok(c)
-    }
-
-    /// The admin's private key, copied from the test image's directory (0600, ssh insists).
-    fn admin_key(&self) -> Result<PathBuf> {
-        let key = self.dir.join("admin-key");
-        if !key.exists() {
-            std::fs::copy(self.images.join("admin-key"), &key)?;
-            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        }
-        Ok(key)
-    }
-
-    fn run(&self, user: &str, options: &[&str], remote: &[&str], input: &str) -> Result<Output> {
-        let child = self
-            .command(user, options, remote)?
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        finish(child, input, Duration::from_secs(300))
-    }
-
-    /// An interactive session (a remote terminal) fed `input`.
-    fn session(&self, user: &str, input: &str) -> Result<Output> {
-        self.run(user, &["-tt"], &[], input)
-    }
-
-    fn spawn_session(&self, user: &str) -> Result<std::process::Child> {
-        Ok(self
-            .command(user, &["-tt"], &[])?
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?)
-    }
-
-    /// Retries until the onion service answers (descriptor published, circuits built).
-    fn first_login(&self, user: &str) -> Result<String> {
-        let started = Instant::now();
-        retry_until(TO_FIRST_LOGIN, || {
-            let out = self.session(user, "help\nexit\n")?;
-            let text = both(&out);
-            if text.contains("bye") {
-                eprintln!("first login after {:.0} s", started.elapsed().as_secs_f64());
-                return Ok(Some(text));
-            }
-            eprintln!(
-                "not yet ({:.0} s): {}",
-                started.elapsed().as_secs_f64(),
-                text.lines().last().unwrap_or("")
-            );
-            Ok(None)
-        })
-    }
-
-    fn known_host_fingerprint(&self) -> Result<String> {
-        let out = run(Command::new("ssh-keygen")
-            .arg("-l")
-            .arg("-E")
-            .arg("sha256")
-            .arg("-f")
-            .arg(self.dir.join("known_hosts")))?;
-        let text = stdout(&out);
-        Ok(text.split_whitespace().nth(1).context("no fingerprint in known_hosts")?.to_string())
-    }
-}
-
-/// Feeds `input`, collects stdout and stderr as they come (a remote terminal echoes what it
-/// gets: an undrained pipe would stall the whole chain), and waits up to `timeout`.
-fn finish(mut child: std::process::Child, input: &str, timeout: Duration) -> Result<Output> {
-    if let Some(mut stdin) = child.stdin.take() {
-        let input = input.as_bytes().to_vec();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-            // Kept open briefly so that a remote terminal reads the input before EOF.
-            std::thread::sleep(Duration::from_secs(20));
-            drop(stdin);
-        });
-    }
-    // A receiver, not a join: the ProxyCommand may hold a pipe open after ssh is gone.
-    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            let _ = tx.send(buf);
-        });
-        rx
-    };
-    let out = drain(child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>));
-    let err = drain(child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let stdout = out.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-    let stderr = err.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-    let output = Output {
-        status: status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(9)),
-        stdout,
-        stderr,
-    };
-    match status {
-        Some(_) => Ok(output),
-        None => bail!("ssh did not finish within {timeout:?}: {}", tail(&both(&output))),
-    }
-}
-
-fn retry_until<T>(timeout: Duration, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = attempt()? {
-            return Ok(v);
-        }
-        ensure!(Instant::now() < deadline, "gave up after {timeout:?}");
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
-
-/// The last 2000 characters, for error messages about long outputs.
-fn tail(text: &str) -> String {
-    let start = text.char_indices().rev().nth(2000).map_or(0, |(i, _)| i);
-    text[start..].to_string()
-}
-
-fn both(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn word_after(line: &str, prefix: &str) -> Result<String> {
-    let rest = line.split(prefix).nth(1).with_context(|| format!("{prefix:?} not in {line:?}"))?;
-    Ok(rest.split_whitespace().next().context("nothing after the marker")?.to_string())
-}
-
-/// The network's namespace and SOCKS address once `tornet run` says it is ready.
-fn wait_network(dir: &Path) -> Result<Net> {
-    let deadline = Instant::now() + TO_NETWORK;
-    while !dir.join("ready").exists() {
-        ensure!(Instant::now() < deadline, "the private Tor network in {} was not ready", dir.display());
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let netns = std::fs::read_to_string(dir.join("netns"))?.trim().to_string();
-    ensure!(netns.starts_with("cloister-"), "unexpected namespace name {netns:?}");
-    Ok(Net { netns, socks: format!("127.0.0.1:{}", cloister_tests::tornet::SOCKS_PORT) })
-}
-
-fn netns_run(netns: &str, argv: &[&str]) -> Result<Output> {
-    run(Command::new("ip").args(["netns", "exec", netns]).args(argv))
-}
-
-/// Removes the tap from the shared namespace when the test ends.
-struct TapGuard(String);
-
-impl Drop for TapGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "exec", &self.0, "ip", "link", "del", TAP]).status();
-    }
-}
-
-/// busybox udhcpd on the network's bridge: addresses above the nodes', no router (the relays
-/// are on the link, and nothing else exists).
-fn start_udhcpd(netns: &str, dir: &Path) -> Result<KillOnDrop> {
-    let conf = dir.join("udhcpd.conf");
-    let d = dir.display();
-    std::fs::write(
-        &conf,
-        format!(
-            "start 10.77.0.100\nend 10.77.0.120\ninterface tornet0\nlease_file {d}/leases\n\
-             pidfile {d}/udhcpd.pid\nopt subnet 255.255.255.0\nopt lease 600\n"
-        ),
-    )?;
-    std::fs::write(dir.join("leases"), b"")?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns, "busybox", "udhcpd", "-f"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start udhcpd")?;
-    Ok(KillOnDrop(child))
 }

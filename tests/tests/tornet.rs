@@ -45,6 +45,9 @@ HiddenServicePoWDefensesEnabled 1
 ";
 /// Connections after the first one: a login after a logout must not need the retry loop.
 const FOLLOW_UPS: usize = 3;
+/// Connections held open at once, each with its own `socks_connect --isolate` key: more than
+/// `HiddenServiceMaxStreams` allows one circuit.
+const ISOLATED: usize = 6;
 
 #[test]
 fn guard_accepts_a_private_testing_network() {
@@ -166,7 +169,70 @@ fn onion_echo(dir: &Path) -> Result<()> {
         assert_eq!(reply, token, "the echo server's reply to follow-up {n}");
         eprintln!("tornet: follow-up connection {n} echoed in {:.1} s", t.elapsed().as_secs_f64());
     }
+    isolated_connections_outnumber_the_stream_limit(&net, &onion)
+}
+
+/// `ISOLATED` connections open at once, each with its own isolation key, all still echo once the
+/// last has opened. Had they shared one rendezvous circuit, the fifth would have closed it
+/// (`HiddenServiceMaxStreams 4`, `...CloseCircuit 1`) and every connection on it: this is how
+/// the onion benchmark's 10 users (one tor each, in reality) stay connected together.
+fn isolated_connections_outnumber_the_stream_limit(net: &TorNet, onion: &str) -> Result<()> {
+    let t = Instant::now();
+    let mut held = Vec::new();
+    for k in 0..ISOLATED {
+        let mut c = Held::open(net, onion, &format!("user{k}"))?;
+        c.echo().with_context(|| format!("isolated connection {k}"))?;
+        held.push(c);
+    }
+    for (k, c) in held.iter_mut().enumerate() {
+        c.echo().with_context(|| format!("isolated connection {k} after all {ISOLATED} opened"))?;
+    }
+    eprintln!("tornet: {ISOLATED} isolated connections held at once in {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// A connection through `socks_connect --isolate`, kept open; each echo is a fresh token.
+struct Held {
+    child: KillOnDrop,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Held {
+    fn open(net: &TorNet, onion: &str, key: &str) -> Result<Self> {
+        let socks = net.socks_addr().to_string();
+        net.ensure_not_host()?;
+        let mut child = KillOnDrop(
+            net.cmd(&[SOCKS_CONNECT, "--isolate", key, &socks, onion, "22"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting socks_connect")?,
+        );
+        let stdin = child.0.stdin.take().context("no stdin")?;
+        let stdout = child.0.stdout.take().context("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child, stdin, lines })
+    }
+
+    fn echo(&mut self) -> Result<()> {
+        let token = random_token()?;
+        self.stdin.write_all(format!("{token}\n").as_bytes()).context("the connection is closed")?;
+        let reply = self.lines.recv_timeout(ATTEMPT_TIMEOUT).map_err(|_| {
+            let gone = matches!(self.child.0.try_wait(), Ok(Some(_)));
+            anyhow::anyhow!("no echo within {ATTEMPT_TIMEOUT:?} (socks_connect ended: {gone})")
+        })?;
+        anyhow::ensure!(reply == token, "echoed {reply:?} for {token:?}");
+        Ok(())
+    }
 }
 
 fn rss_of(net: &TorNet, keep: impl Fn(&str) -> bool) -> u64 {

@@ -6,7 +6,12 @@
 //! - encryption throughput as a ratio of `openssl speed -evp aes-256-xts` in the same run;
 //! - image and initramfs sizes;
 //! - boot under TCG with the test KDF: guest ms and wall s to the unlock line, next to the
-//!   same kernel booting a trivial busybox init (the floor).
+//!   same kernel booting a trivial busybox init (the floor);
+//! - the onion chat (`cargo xtask bench onion` runs this part alone): the test image booted in
+//!   the private Tor network as `cargo xtask test` builds and starts them, measured from
+//!   outside by `onion_bench` (`tests/src/bin/onion_bench.rs`): wall time to the first login
+//!   and chat through the onion, 10 users chatting (delivered, p50/p95 latency) and the
+//!   appliance's memory per program and in total.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,16 +21,33 @@ use anyhow::{bail, Context, Result};
 use cloister_qemu::{Console, Firmware, Vm, VmConfig};
 use serde_json::Value;
 
+mod onion;
+
 use crate::{build, host, test};
+use onion::onion_rows;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// Only this part (`onion`: the onion chat's boot, users and memory); all parts without it.
+    #[arg(value_enum)]
+    only: Option<Part>,
     /// Skip the cold build (which downloads every package into an empty cache).
     #[arg(long)]
     no_cold: bool,
     /// Skip the boot measurements.
     #[arg(long)]
     no_boot: bool,
+    /// Skip the onion chat.
+    #[arg(long)]
+    no_onion: bool,
+    /// Reuse the test image of an earlier `cargo xtask test` or bench if it exists.
+    #[arg(long)]
+    reuse_image: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Onion,
 }
 
 struct Row {
@@ -41,6 +63,12 @@ fn row(what: impl Into<String>, value: impl Into<String>, target: &'static str) 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     host::ensure(&[host::BUILD, host::RUN, host::TEST])?;
     let bins = build::compile_pipeline()?;
+    if args.only == Some(Part::Onion) {
+        let mut rows = Vec::new();
+        onion_rows(&mut rows, &bins, args.reuse_image)?;
+        print_table(&rows);
+        return Ok(());
+    }
     let dir = build::target_dir().join("bench");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -73,6 +101,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ]);
         timed_build(&bins, &dir, &warm_cache, &pass, &kdf)?;
         boot_rows(&mut rows, &dir)?;
+    }
+    if !args.no_onion {
+        onion_rows(&mut rows, &bins, args.reuse_image)?;
     }
     print_table(&rows);
     Ok(())

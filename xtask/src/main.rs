@@ -40,7 +40,7 @@ enum Cmd {
     Run(run::RunArgs),
     /// Run every test: unit, host integration, image checks and end to end under QEMU.
     Test(test::TestArgs),
-    /// Measure build and boot times and sizes; prints a table.
+    /// Measure build and boot times, sizes and the onion chat (`bench onion`: that part alone); prints a table.
     Bench(bench::BenchArgs),
     /// Write an image to a USB stick: checks the target, asks to confirm, verifies the copy.
     Flash(flash::FlashArgs),

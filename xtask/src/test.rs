@@ -70,8 +70,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
     // Started once for the whole run; it bootstraps while the image checks and boots run.
     let network = tornet::Running::start(&tornet)?;
     let t = Instant::now();
-    let mut env = image.env(&bins)?;
-    env.push(("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()));
+    let mut env = image.env(&bins, &tornet)?;
     if let Some(path) = fail_closed {
         env.push(("CLOISTER_TEST_IMAGE_FAIL_CLOSED", path.display().to_string()));
     }
@@ -133,15 +132,16 @@ fn run_tests(selection: &[&str], filter: Option<&str>, env: &[(&str, &str)]) -> 
 /// (`tests/tests/vm_network.rs`); its image is built only when a run may select it.
 const FAIL_CLOSED_TEST: &str = "firewall_check_failure_holds_every_service_and_the_uplink";
 
-/// The image the end-to-end tests boot, with the passphrase file they type from.
-struct TestImage {
+/// The image the end-to-end tests (and the onion benchmark) boot, with the passphrase file
+/// they type from.
+pub struct TestImage {
     dir: PathBuf,
     image: PathBuf,
     passphrase_file: PathBuf,
 }
 
 impl TestImage {
-    fn build(bins: &build::Binaries, reuse: bool, tornet: &tornet::Prepared) -> Result<Self> {
+    pub fn build(bins: &build::Binaries, reuse: bool, tornet: &tornet::Prepared) -> Result<Self> {
         let dir = build::target_dir().join("test-image");
         let image = dir.join("disk.img");
         let passphrase_file = dir.join("passphrase");
@@ -200,7 +200,13 @@ impl TestImage {
         Ok(image)
     }
 
-    fn env(&self, bins: &build::Binaries) -> Result<Vec<(&'static str, String)>> {
+    /// What the end-to-end tests and the onion benchmark find the image, its files and the
+    /// private Tor network by (`cloister_tests::E2e`, `CLOISTER_TORNET_DIR`).
+    pub fn env(
+        &self,
+        bins: &build::Binaries,
+        tornet: &tornet::Prepared,
+    ) -> Result<Vec<(&'static str, String)>> {
         let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
         Ok(vec![
             ("CLOISTER_E2E", "1".into()),
@@ -211,6 +217,7 @@ impl TestImage {
             ("CLOISTER_INIT_BIN", bins.init.display().to_string()),
             ("CLOISTER_XTASK_BIN", xtask.display().to_string()),
             ("CLOISTER_TEST_CACHE", UNPRIVILEGED_CACHE.into()),
+            ("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()),
         ])
     }
 }

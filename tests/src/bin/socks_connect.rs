@@ -1,8 +1,12 @@
-//! `socks_connect PROXY_HOST:PORT DEST_HOST DEST_PORT`: an OpenSSH `ProxyCommand` for the test
-//! network. It asks a SOCKS5 proxy (tor's SocksPort) to CONNECT to the destination given as a
-//! domain name (address type 3), so nothing is ever resolved locally and `.onion` names reach
-//! tor, then copies stdin to the connection and the connection to stdout. Only `.onion`
-//! destinations are accepted.
+//! `socks_connect [--isolate KEY] PROXY_HOST:PORT DEST_HOST DEST_PORT`: an OpenSSH
+//! `ProxyCommand` for the test network. It asks a SOCKS5 proxy (tor's SocksPort) to CONNECT to
+//! the destination given as a domain name (address type 3), so nothing is ever resolved locally
+//! and `.onion` names reach tor, then copies stdin to the connection and the connection to
+//! stdout. Only `.onion` destinations are accepted.
+//!
+//! `--isolate KEY` authenticates with KEY as username and password (RFC 1929): tor's
+//! `IsolateSOCKSAuth` (on by default) never puts streams with different credentials on one
+//! circuit, so each KEY gets circuits of its own, as a person running their own tor would.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -27,8 +31,12 @@ fn main() -> ExitCode {
 
 fn real_main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [proxy, host, port] = args.as_slice() else {
-        bail!("usage: socks_connect PROXY_HOST:PORT DEST_HOST DEST_PORT");
+    let (isolate, rest) = match args.as_slice() {
+        [flag, key, rest @ ..] if flag == "--isolate" => (Some(key.as_str()), rest),
+        rest => (None, rest),
+    };
+    let [proxy, host, port] = rest else {
+        bail!("usage: socks_connect [--isolate KEY] PROXY_HOST:PORT DEST_HOST DEST_PORT");
     };
     let port: u16 = port.parse().with_context(|| format!("bad destination port {port:?}"))?;
     // The private network has no exits: any other name would wait in tor until the timeout,
@@ -38,19 +46,35 @@ fn real_main() -> Result<()> {
     }
     let mut sock = TcpStream::connect(proxy).with_context(|| format!("cannot connect to proxy {proxy}"))?;
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    handshake(&mut sock, host, port)?;
+    handshake(&mut sock, isolate, host, port)?;
     sock.set_read_timeout(None)?;
     splice(sock)
 }
 
-/// SOCKS5 (RFC 1928) without authentication, CONNECT to a domain name.
-fn handshake(sock: &mut TcpStream, host: &str, port: u16) -> Result<()> {
+/// SOCKS5 (RFC 1928), without authentication or with `isolate` as username and password,
+/// CONNECT to a domain name.
+fn handshake(sock: &mut TcpStream, isolate: Option<&str>, host: &str, port: u16) -> Result<()> {
     let len = u8::try_from(host.len()).ok().filter(|l| *l > 0).context("host name must be 1-255 bytes")?;
-    sock.write_all(&[5, 1, 0]).context("sending the greeting")?;
+    let method = if isolate.is_some() { 2 } else { 0 };
+    sock.write_all(&[5, 1, method]).context("sending the greeting")?;
     let mut reply = [0u8; 2];
     sock.read_exact(&mut reply).context("reading the method choice")?;
-    if reply != [5, 0] {
-        bail!("proxy refused no-authentication (reply {reply:?})");
+    if reply != [5, method] {
+        bail!("proxy refused authentication method {method} (reply {reply:?})");
+    }
+    if let Some(key) = isolate {
+        let k =
+            u8::try_from(key.len()).ok().filter(|l| *l > 0).context("--isolate key must be 1-255 bytes")?;
+        // RFC 1929: version 1, username, password (the same key twice).
+        let mut auth = vec![1, k];
+        auth.extend_from_slice(key.as_bytes());
+        auth.push(k);
+        auth.extend_from_slice(key.as_bytes());
+        sock.write_all(&auth).context("sending the username and password")?;
+        sock.read_exact(&mut reply).context("reading the authentication status")?;
+        if reply != [1, 0] {
+            bail!("proxy refused the username and password (reply {reply:?})");
+        }
     }
     let mut req = vec![5, 1, 0, 3, len];
     req.extend_from_slice(host.as_bytes());

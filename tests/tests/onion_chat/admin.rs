@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// The test image's admin account (`xtask/src/test.rs`).
-pub const ADMIN: &str = "ops";
+/// The test image's admin account; the other scenarios name it `admin::ADMIN`.
+pub use cloister_tests::onion::ADMIN;
 
 pub fn admin_manages_chat_users(ssh: &Ssh) -> Result<()> {
     let list = ssh.admin(&["user", "list"])?;
