@@ -116,13 +116,15 @@ fn status(answer: &Value) -> String {
     let secs = answer["uptime_ms"].as_u64().unwrap_or(0) / 1000;
     let mut out = format!("up {}h {:02}m {:02}s", secs / 3600, secs / 60 % 60, secs % 60);
     for s in answer["services"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
+        let row = format!(
             "\n  {:<16} {:<9} restarts {:<3} {}",
             text(&s["name"]),
             text(&s["state"]),
             s["restarts"],
             mib(&s["memory"]["pss_kib"]).map(|m| format!("{m} MiB")).unwrap_or_default(),
-        ));
+        );
+        // A service without a memory figure would end in padding.
+        out.push_str(row.trim_end());
     }
     let total = &answer["memory"]["total"];
     if let (Some(pss), Some(rss)) = (mib(&total["pss_kib"]), mib(&total["rss_kib"])) {
