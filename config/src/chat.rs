@@ -2,7 +2,7 @@
 //! accounts an image is built with. The builder turns them into tor's and sshd's configuration
 //! and the account databases; this module checks what needs no image.
 
-use cloister_plan::accounts::{check_admin_key, check_login_name};
+use cloister_plan::accounts::{self as accounts_rules, check_admin_key, check_login_name};
 use serde::{Deserialize, Serialize};
 
 /// `[onion]`: tor's onion service in front of sshd, with its denial-of-service defences.
@@ -60,10 +60,18 @@ pub const MAX_CHAT_USERS: usize = 500;
 /// `[admin]`: the appliance's administrators. They log in over the onion service with their SSH
 /// key only, and their login shell is the admin CLI. On the appliance's own console they log in
 /// with a console password (never accepted over the network), then the admin CLI runs there.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub accounts: Vec<AdminAccount>,
+    /// Seconds an interactive admin session may wait at its prompt before it ends.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { accounts: Vec::new(), idle_timeout_secs: accounts_rules::DEFAULT_ADMIN_IDLE_SECS }
+    }
 }
 
 /// One admin: a login name, an SSH public key line (`ssh-ed25519 AAAA... comment`) and, for
@@ -84,6 +92,13 @@ pub const MAX_ADMINS: usize = 64;
 impl AdminConfig {
     /// Checks names (also against the chat users': one namespace of logins) and keys.
     pub fn validate(&self, chat: &ChatConfig) -> Result<(), (String, String)> {
+        if !accounts_rules::ADMIN_IDLE_SECS.contains(&self.idle_timeout_secs) {
+            let r = accounts_rules::ADMIN_IDLE_SECS;
+            return Err((
+                "admin.idle_timeout_secs".into(),
+                format!("{} is outside {}..={}", self.idle_timeout_secs, r.start(), r.end()),
+            ));
+        }
         let bad = |why: String| Err(("admin.accounts".to_string(), why));
         if self.accounts.len() > MAX_ADMINS {
             return bad(format!("{} accounts; at most {MAX_ADMINS}", self.accounts.len()));
@@ -202,9 +217,12 @@ mod tests {
             console_password_hash: None,
         };
         let chat = ChatConfig { users: vec![user("alice", HASH)], ..Default::default() };
-        assert_eq!(AdminConfig { accounts: vec![admin("ops", KEY)] }.validate(&chat), Ok(()));
+        assert_eq!(
+            AdminConfig { accounts: vec![admin("ops", KEY)], ..AdminConfig::default() }.validate(&chat),
+            Ok(())
+        );
         let console = AdminAccount { console_password_hash: Some(HASH.into()), ..admin("ops", KEY) };
-        assert_eq!(AdminConfig { accounts: vec![console] }.validate(&chat), Ok(()));
+        assert_eq!(AdminConfig { accounts: vec![console], ..AdminConfig::default() }.validate(&chat), Ok(()));
         for (accounts, says) in [
             (vec![admin("alice", KEY)], "entry 1: \"alice\" is also a chat user"),
             (vec![admin("ops", KEY), admin("ops", KEY)], "entry 2: \"ops\" is listed twice"),
@@ -218,7 +236,7 @@ mod tests {
                 "entry 1 (ops): console_password_hash must be a crypt(3) hash",
             ),
         ] {
-            let (key, why) = AdminConfig { accounts }.validate(&chat).unwrap_err();
+            let (key, why) = AdminConfig { accounts, ..AdminConfig::default() }.validate(&chat).unwrap_err();
             assert_eq!(key, "admin.accounts");
             assert!(why.contains(says), "{why}");
         }

@@ -615,6 +615,7 @@ mod tests {
                 chat: kind(CHAT_GID, 2001, 2003, "h"),
                 admin: kind(ADMIN_GID, 3001, 3999, "a"),
                 admin_keys: p.join("keys"),
+                admin_idle_secs: 900,
             };
             Self { dir, plan }
         }

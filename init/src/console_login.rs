@@ -9,7 +9,12 @@
 //! The service runs as root with only CAP_SETUID and CAP_SETGID, in the loopback-only `chat`
 //! network namespace, in a read-only view of the root with the control socket's directory;
 //! the CLI runs as the admin, with no capabilities. Wrong answers cost a growing delay, the
-//! same for unknown names and for names without a console password.
+//! same for unknown names and for names without a console password. The CLI ends a session
+//! left idle at its prompt (`[admin] idle_timeout_secs`), so a console walked away from does
+//! not stay logged in.
+//!
+//! Stdin and stdout are the console; stderr is PID 1's log, where each login, refusal (never
+//! with what was typed) and logout leaves a line.
 //!
 //! The console is nobody's controlling terminal: when a session leader with a controlling
 //! terminal exits, the kernel hangs that terminal up for every process holding it, PID 1's
@@ -21,10 +26,12 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cloister_plan::accounts::{AccountKind, AccountsPlan, ADMIN_SOCKET_DIR, CONSOLE_PASSWORDS};
+use cloister_plan::accounts::{
+    AccountKind, AccountsPlan, ADMIN_IDLE_ENV, ADMIN_SOCKET_DIR, CONSOLE_PASSWORDS,
+};
 use cloister_plan::{Mounts, Namespaces, NetNs, Readiness, Restart, Rlimits, Service};
 use nix::sys::termios::{self, FlushArg, InputFlags, LocalFlags, OutputFlags, SetArg};
 use serde::{Deserialize, Serialize};
@@ -44,6 +51,8 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 pub struct ConsoleArgs {
     pub tty: PathBuf,
     pub admin: AccountKind,
+    /// The admin CLI's idle timeout at its prompt.
+    pub idle_secs: u64,
 }
 
 /// One console service per console of the kernel command line (the kernel's catch-all
@@ -52,13 +61,17 @@ pub fn services(consoles: &[PathBuf], accounts: &AccountsPlan, exe: &Path) -> Ve
     consoles
         .iter()
         .filter(|tty| tty.as_path() != Path::new("/dev/console"))
-        .map(|tty| service(tty, &accounts.admin, exe))
+        .map(|tty| service(tty, accounts, exe))
         .collect()
 }
 
-fn service(tty: &Path, admin: &AccountKind, exe: &Path) -> Service {
+fn service(tty: &Path, accounts: &AccountsPlan, exe: &Path) -> Service {
     let name = tty.file_name().map_or("console".into(), |n| n.to_string_lossy().into_owned());
-    let args = ConsoleArgs { tty: tty.to_path_buf(), admin: admin.clone() };
+    let args = ConsoleArgs {
+        tty: tty.to_path_buf(),
+        admin: accounts.admin.clone(),
+        idle_secs: accounts.admin_idle_secs,
+    };
     let caps: Vec<String> = ["CAP_SETUID", "CAP_SETGID"].iter().map(|c| c.to_string()).collect();
     Service {
         name: format!("console-{name}"),
@@ -200,16 +213,20 @@ pub fn run_mode(arg: Option<&String>) -> ! {
             std::process::exit(2)
         }
     };
-    let console = Console { tty, name: args.tty.display().to_string() };
+    let console = Console { tty, name: args.tty.display().to_string(), idle_secs: args.idle_secs };
     let mut failures = 0u32;
     loop {
         match console.login(&args.admin) {
             Ok(Some(admin)) => {
                 failures = 0;
+                // Stderr is PID 1's log, not the console: these lines are the audit trail.
+                eprintln!("{} logged in on {}", admin.name, console.name);
                 console.session(&admin, &args.admin.shell);
             }
             Ok(None) => {
                 failures += 1;
+                // Not the name: a password typed one line too early would land in the log.
+                eprintln!("a login was refused on {} ({failures} in a row)", console.name);
                 console.say("login refused");
                 std::thread::sleep(delay(failures));
             }
@@ -226,6 +243,7 @@ struct Closed;
 struct Console {
     tty: File,
     name: String,
+    idle_secs: u64,
 }
 
 impl Console {
@@ -274,9 +292,16 @@ impl Console {
         self.set_mode(true);
         let home = if admin.home.is_dir() { admin.home.as_path() } else { Path::new("/") };
         let term = std::env::var("TERM").unwrap_or_else(|_| "vt220".into());
+        // The CLI talks to the admin on the console; the service's own stderr is PID 1's log.
+        let stderr = match self.tty.try_clone() {
+            Ok(tty) => Stdio::from(tty),
+            Err(e) => return self.say(&format!("cloister: console: {e}")),
+        };
         let spawned = Command::new(cli)
             .env_clear()
             .env("TERM", term)
+            .env(ADMIN_IDLE_ENV, self.idle_secs.to_string())
+            .stderr(stderr)
             .env("HOME", home)
             .env("USER", &admin.name)
             .env("LOGNAME", &admin.name)
@@ -287,6 +312,7 @@ impl Console {
         match spawned {
             Ok(mut child) => {
                 let _ = child.wait();
+                eprintln!("{} logged out on {}", admin.name, self.name);
                 self.say(&format!("cloister: console: {} logged out", admin.name));
             }
             Err(e) => self.say(&format!("cloister: console: the admin CLI could not start: {e}")),
@@ -375,7 +401,7 @@ mod tests {
 
     #[test]
     fn one_service_per_console_as_root_with_two_capabilities() {
-        let plan = AccountsPlan { chat: kind(), admin: kind(), admin_keys: "/k".into() };
+        let plan = AccountsPlan { chat: kind(), admin: kind(), admin_keys: "/k".into(), admin_idle_secs: 20 };
         let consoles: Vec<PathBuf> =
             ["/dev/tty1", "/dev/ttyS0", "/dev/console"].iter().map(PathBuf::from).collect();
         let svcs = services(&consoles, &plan, Path::new("/usr/lib/cloister/init"));
@@ -389,6 +415,6 @@ mod tests {
         assert!(s.caps_ambient.is_empty() && s.no_new_privs);
         assert_eq!(s.namespaces.net, NetNs::Chat);
         let args: ConsoleArgs = serde_json::from_str(&s.args[1]).unwrap();
-        assert_eq!(args.admin, kind());
+        assert_eq!((args.admin, args.idle_secs), (kind(), 20));
     }
 }

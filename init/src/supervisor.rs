@@ -465,8 +465,8 @@ impl<'a> Supervisor<'a> {
         let svc = &self.units[i].svc;
         let spawned = match &svc.terminal {
             Some(tty) => open_terminal(tty)
-                .and_then(|fds| spawn_on_terminal(svc, netns, &root, &self.plan.hostname, fds))
-                .map(|(pid, status)| (pid, None, status)),
+                .and_then(|fds| spawn_on_console(svc, netns, &root, &self.plan.hostname, fds))
+                .map(|(pid, log, status)| (pid, Some(log), status)),
             None => spawn(svc, netns, &root, &self.plan.hostname)
                 .map(|(pid, log, status)| (pid, Some(log), status)),
         };
@@ -1097,9 +1097,24 @@ pub fn spawn_on_terminal(
     spawn_chain(launch, fds.map(Stdio::from))
 }
 
-/// A console opened three times over, for a service's stdin, stdout and stderr; never PID 1's
-/// controlling terminal.
-fn open_terminal(tty: &Path) -> Result<[std::os::fd::OwnedFd; 3], String> {
+/// A supervised service on a console: stdin and stdout the terminal, stderr PID 1's log (the
+/// console services' audit lines); returns its pid, its log and its status pipe.
+fn spawn_on_console(
+    svc: &Service,
+    netns: Option<PathBuf>,
+    new_root: &Path,
+    hostname: &str,
+    [stdin, stdout]: [std::os::fd::OwnedFd; 2],
+) -> Result<(Pid, Lines, Lines), String> {
+    let launch = Launch::new(svc, netns, new_root, hostname, true);
+    let (log_r, log_w) = std::io::pipe().map_err(io("output pipe"))?;
+    let (pid, status) = spawn_chain(launch, [Stdio::from(stdin), Stdio::from(stdout), Stdio::from(log_w)])?;
+    Ok((pid, Lines::new(File::from(std::os::fd::OwnedFd::from(log_r)))?, status))
+}
+
+/// A console opened twice, for a service's stdin and stdout (its stderr is PID 1's log, so a
+/// service on a terminal can still leave lines there); never PID 1's controlling terminal.
+fn open_terminal(tty: &Path) -> Result<[std::os::fd::OwnedFd; 2], String> {
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -1109,7 +1124,7 @@ fn open_terminal(tty: &Path) -> Result<[std::os::fd::OwnedFd; 3], String> {
             .map(std::os::fd::OwnedFd::from)
             .map_err(|e| format!("{}: {e}", tty.display()))
     };
-    Ok([open()?, open()?, open()?])
+    Ok([open()?, open()?])
 }
 
 /// `cloister-init <mode> <args>` as a child in a process group of its own, `input` on its

@@ -249,7 +249,9 @@ fn write_test_config(dir: &Path) -> Result<PathBuf> {
     text.push_str(&format!(
         "\n# Added by cargo xtask test: an admin whose key is {ADMIN_KEY} and whose console password\n\
          # is console-{ADMIN} beside the image.\n\
-         [admin]\naccounts = [{{ name = \"{ADMIN}\", ssh_key = \"{key}\", console_password_hash = \"{}\" }}]\n",
+         # A short idle timeout, so that the console test can see a session end by it.\n\
+         [admin]\nidle_timeout_secs = {IDLE_SECS}\n\
+         accounts = [{{ name = \"{ADMIN}\", ssh_key = \"{key}\", console_password_hash = \"{}\" }}]\n",
         crypt_hash(console)?
     ));
     let config = dir.join("test-image.toml");
@@ -260,6 +262,8 @@ fn write_test_config(dir: &Path) -> Result<PathBuf> {
 /// The test image's admin account and its private key's file name (in the test image's
 /// directory; fresh per build, like the passwords).
 pub const ADMIN: &str = "ops";
+/// The test image's admin idle timeout: short, so that a test sees a session end by it.
+const IDLE_SECS: u64 = 20;
 const ADMIN_KEY: &str = "admin-key";
 
 /// Makes the admin's Ed25519 key pair with OpenSSH's ssh-keygen; returns the public line.

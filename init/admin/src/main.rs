@@ -10,6 +10,10 @@
 //! the terminal (3 tries), or as the first line of stdin when there is none
 //! (`echo 123456 | ssh ops@<x>.onion user list`). PID 1 keeps the pass for this process only.
 //!
+//! At the prompt on a terminal, a session that waits longer than its idle timeout ends
+//! (`CLOISTER_ADMIN_IDLE_SECS`, which sshd's `SetEnv` and the console service set from
+//! `[admin] idle_timeout_secs`; 15 minutes without it).
+//!
 //! Test-only option, only as the first arguments: `--control-socket PATH` (sshd passes a user's
 //! command only after `-c`, so a user cannot inject it).
 #![forbid(unsafe_code)]
@@ -17,6 +21,7 @@
 mod format;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -156,9 +161,14 @@ fn enrol(socket: &Path) -> Result<String, String> {
 /// The prompt loop; a refused command is reported and the loop goes on.
 fn interactive(socket: &Path) -> i32 {
     println!("cloister admin; type help for the commands");
+    let idle = idle_timeout(std::env::var(cloister_plan::accounts::ADMIN_IDLE_ENV).ok().as_deref());
     loop {
         print!("admin> ");
         let _ = std::io::stdout().flush();
+        if !input_within(&std::io::stdin(), idle) {
+            println!("\nidle for {} s: logged out", idle.as_secs());
+            return 0;
+        }
         // Locked per line: a command may read stdin itself (a code, a password), and stdin's
         // lock is not reentrant; its buffer is shared, so nothing read ahead is lost.
         let line = match read_bounded_line(&mut std::io::stdin().lock()) {
@@ -177,6 +187,41 @@ fn interactive(socket: &Path) -> i32 {
             Ok(text) if text.is_empty() => {}
             Ok(text) => println!("{text}"),
             Err(e) => println!("error: {e}"),
+        }
+    }
+}
+
+/// The idle timeout from the environment's value, within the config's bounds (a value out of
+/// them, or none, is the default: the variable comes from our own sshd and console service).
+fn idle_timeout(value: Option<&str>) -> Duration {
+    use cloister_plan::accounts::{ADMIN_IDLE_SECS, DEFAULT_ADMIN_IDLE_SECS};
+    let secs = value.and_then(|v| v.parse().ok()).filter(|s| ADMIN_IDLE_SECS.contains(s));
+    Duration::from_secs(secs.unwrap_or(DEFAULT_ADMIN_IDLE_SECS))
+}
+
+/// Whether input arrives on a terminal stdin within `idle` (always, when stdin is not a
+/// terminal: piped commands are read to their end). On a terminal in canonical mode a read
+/// takes one line, so nothing typed can wait unseen in stdin's buffer while this polls.
+fn input_within(input: &(impl AsFd + IsTerminal), idle: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    if !input.is_terminal() {
+        return true;
+    }
+    let deadline = std::time::Instant::now() + idle;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis().clamp(1, i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(input.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            // Whole milliseconds, rounded down: a poll may end a little before the deadline.
+            Ok(0) if left.is_zero() => return false,
+            Ok(0) => continue,
+            Ok(_) => return true,
+            // A signal: poll again for what is left.
+            Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+            // Cannot wait: let the read below say what is wrong.
+            Err(_) => return true,
         }
     }
 }
@@ -405,6 +450,32 @@ mod tests {
         }
         assert!(run(nowhere, "help").unwrap().contains("user remove"));
         assert!(run(nowhere, "status").unwrap_err().contains("control socket is not available"));
+    }
+
+    #[test]
+    fn the_idle_timeout_is_the_environments_within_bounds() {
+        let secs = |v| idle_timeout(v).as_secs();
+        assert_eq!((secs(Some("20")), secs(Some("86400"))), (20, 86_400));
+        for bad in [None, Some(""), Some("9"), Some("86401"), Some("-5"), Some("1e3")] {
+            assert_eq!(secs(bad), 900, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_terminal_left_idle_times_out_and_a_typed_line_does_not() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let tty = std::fs::File::from(pty.slave);
+        let started = std::time::Instant::now();
+        assert!(!input_within(&tty, Duration::from_millis(200)));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // The master stays open: its close would wake the poll with a hang-up instead.
+        let mut master = std::fs::File::from(pty.master);
+        master.write_all(b"status\n").unwrap();
+        assert!(input_within(&tty, Duration::from_secs(5)));
+        // A pipe is never idle: piped commands are read to their end.
+        let (r, _w) = std::io::pipe().unwrap();
+        let r = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+        assert!(input_within(&r, Duration::from_millis(1)));
     }
 
     #[test]

@@ -15,6 +15,23 @@ pub struct AccountsPlan {
     /// Admins' SSH public keys: `<dir>/<login>`, one key, root-owned (sshd's
     /// `AuthorizedKeysFile` for the admin group).
     pub admin_keys: PathBuf,
+    /// Seconds an interactive admin session waits at its prompt before it ends.
+    #[serde(default = "default_admin_idle_secs")]
+    pub admin_idle_secs: u64,
+}
+
+/// An interactive admin session idle for 15 minutes ends (the chat shell's limit too).
+pub const DEFAULT_ADMIN_IDLE_SECS: u64 = 900;
+
+/// What the config may choose for the admin idle timeout.
+pub const ADMIN_IDLE_SECS: std::ops::RangeInclusive<u64> = 10..=86_400;
+
+/// The environment variable that carries the idle timeout to the admin CLI: set by sshd
+/// (`SetEnv`, which a client cannot override) and by the console service.
+pub const ADMIN_IDLE_ENV: &str = "CLOISTER_ADMIN_IDLE_SECS";
+
+fn default_admin_idle_secs() -> u64 {
+    DEFAULT_ADMIN_IDLE_SECS
 }
 
 /// One kind of account: its primary group, its uid range, its login shell and its homes.

@@ -200,7 +200,7 @@ pub struct Service {
     pub after: Vec<String>,
     pub ready: Readiness,
     pub restart: Restart,
-    /// Runs on this terminal (its stdin, stdout and stderr) instead of the journal's pipes:
+    /// Runs with this terminal as its stdin and stdout (stderr stays the journal's pipe):
     /// PID 1's own console login for admins. Services from the config never have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<PathBuf>,

@@ -2,7 +2,9 @@
 //! wrong password and control characters are refused with a delay; the right console password
 //! gives the admin CLI, where the admin enrols a second factor from the QR code drawn on the
 //! console; the next console login then needs password and code; a console password changed
-//! over the onion service replaces the old one.
+//! over the onion service replaces the old one; a session left at the prompt ends after the
+//! image's idle timeout; PID 1's log holds a line for each login, refusal and logout, and
+//! nothing that was typed.
 
 use cloister_qemu::Vm;
 use cloister_tests::console::{answer, log_in, log_in_again, BANNER, CODE, NAME, PROMPT, TO_ANSWER};
@@ -69,5 +71,39 @@ pub fn console_admin_entry(vm: &Vm, ssh: &Ssh) -> Result<()> {
     vm.wait_for("console-ttyS0", TO_ANSWER)?;
     answer(vm, PROMPT, "exit")?;
     vm.wait_for(&format!("{} logged out", admin::ADMIN), TO_ANSWER)?;
+
+    idle_session_ends(vm, &changed)?;
+    audit_lines_in_the_log(ssh, &[password, &changed, "not the console password"])
+}
+
+/// The test image's idle timeout (`[admin] idle_timeout_secs` of cargo xtask test's config).
+const IDLE: Duration = Duration::from_secs(20);
+
+fn idle_session_ends(vm: &Vm, password: &str) -> Result<()> {
+    log_in_again(vm, admin::ADMIN, password)?;
+    vm.wait_for(PROMPT, TO_ANSWER)?;
+    let shown = Instant::now();
+    vm.wait_for(&format!("idle for {} s: logged out", IDLE.as_secs()), IDLE + TO_ANSWER)?;
+    // Not before its time (the prompt was seen a little after it was shown: some slack).
+    ensure!(shown.elapsed() + Duration::from_secs(5) >= IDLE, "idle after {:?}", shown.elapsed());
+    vm.wait_for(&format!("{} logged out", admin::ADMIN), TO_ANSWER)?;
+    vm.wait_for(BANNER, TO_ANSWER)?;
+    Ok(())
+}
+
+/// The console service's lines in PID 1's log: who logged in and out where, that a login was
+/// refused, and none of what was typed.
+fn audit_lines_in_the_log(ssh: &Ssh, typed: &[&str]) -> Result<()> {
+    let log = ssh.admin(&["log"])?;
+    for line in [
+        format!("console-ttyS0: {} logged in on /dev/ttyS0", admin::ADMIN),
+        format!("console-ttyS0: {} logged out on /dev/ttyS0", admin::ADMIN),
+        "console-ttyS0: a login was refused on /dev/ttyS0".to_string(),
+    ] {
+        ensure!(log.contains(&line), "no {line:?} in the log:\n{}", tail(&log));
+    }
+    for secret in typed {
+        ensure!(!log.contains(secret), "the log holds what was typed at the console");
+    }
     Ok(())
 }

@@ -91,7 +91,7 @@ pub fn accounts(config: &Config) -> (Vec<(&'static str, u32)>, Vec<SystemUser>) 
 }
 
 /// Where PID 1's admin tools put accounts: the same ids, shells and homes as the build's.
-pub fn accounts_plan() -> accounts::AccountsPlan {
+pub fn accounts_plan(config: &Config) -> accounts::AccountsPlan {
     accounts::AccountsPlan {
         chat: accounts::AccountKind {
             gid: CHAT_GROUP.1,
@@ -108,6 +108,7 @@ pub fn accounts_plan() -> accounts::AccountsPlan {
             homes: ADMIN_HOMES.into(),
         },
         admin_keys: ADMIN_KEYS.into(),
+        admin_idle_secs: config.admin.idle_timeout_secs,
     }
 }
 
@@ -126,7 +127,7 @@ pub fn install(
         tree.write_file(rel, text.as_bytes(), Node::file(0o644)).with_context(|| format!("writing {path}"))
     };
     write(tree, TORRC, torrc(config, test_network)?)?;
-    write(tree, "/etc/ssh/sshd_config", sshd_config())?;
+    write(tree, "/etc/ssh/sshd_config", sshd_config(config.admin.idle_timeout_secs))?;
     write(tree, "/etc/ngircd/ngircd.conf", ngircd_conf())?;
     authorized_clients(config, tree, acc)?;
     let homes = Path::new(HOMES.trim_start_matches('/'));
@@ -266,8 +267,9 @@ pub fn test_network_lines(torrc: &str) -> impl Iterator<Item = &str> {
 /// sshd for chat users (passwords, hashes in /etc/shadow, no PAM; a login shell that refuses
 /// commands) and admins (their one Ed25519 key only; the admin CLI as shell, which takes a
 /// command), and nothing else: no forwarding, tunnels, subsystems, environment, banner, message
-/// of the day or last-login line (which would tell the time zone).
-pub fn sshd_config() -> String {
+/// of the day or last-login line (which would tell the time zone). `admin_idle_secs` reaches
+/// the admin CLI through `SetEnv`, which a client's environment cannot override.
+pub fn sshd_config(admin_idle_secs: u64) -> String {
     format!(
         "# Written by cloister-build.\n\
          ListenAddress 127.0.0.1:22\n\
@@ -318,7 +320,9 @@ pub fn sshd_config() -> String {
          \tPubkeyAuthentication yes\n\
          \tAuthenticationMethods publickey\n\
          \tAuthorizedKeysFile {ADMIN_KEYS}/%u\n\
-         \tPubkeyAcceptedAlgorithms {keys}\n",
+         \tPubkeyAcceptedAlgorithms {keys}\n\
+         \tSetEnv {idle_env}={admin_idle_secs}\n",
+        idle_env = accounts::ADMIN_IDLE_ENV,
         chat = CHAT_GROUP.0,
         admin = ADMIN_GROUP.0,
         keys = accounts::ADMIN_KEY_TYPES.join(","),
@@ -427,7 +431,7 @@ mod tests {
 
     #[test]
     fn sshd_allows_chat_users_and_nothing_else() {
-        let s = sshd_config();
+        let s = sshd_config(900);
         for l in [
             "UsePAM no",
             "AllowGroups chat cloister-admin",
@@ -440,7 +444,11 @@ mod tests {
         }
         // Keys only for admins, and only after every global line (Match runs to the end).
         let admin = s.split_once("Match Group cloister-admin\n").unwrap().1;
-        for l in ["\tPasswordAuthentication no", "\tAuthenticationMethods publickey"] {
+        for l in [
+            "\tPasswordAuthentication no",
+            "\tAuthenticationMethods publickey",
+            "\tSetEnv CLOISTER_ADMIN_IDLE_SECS=900",
+        ] {
             assert!(admin.lines().any(|x| x == l), "{l}");
         }
         assert!(admin.lines().all(|l| l.starts_with('\t')), "{admin}");

@@ -83,7 +83,7 @@ fn chat_plan(config: &Config, acc: &Accounts, tree: &Tree) -> Result<Option<cloi
         onion_hostname: crate::chat::ONION_HOSTNAME.into(),
         client,
         firewall: chat_firewall(config, acc, gid),
-        accounts: Some(crate::chat::accounts_plan()),
+        accounts: Some(crate::chat::accounts_plan(config)),
         require_totp: config.chat.require_totp,
     }))
 }
