@@ -116,9 +116,10 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 
 /// Loads the disk driver groups in the build's order (virtio, then native controllers, then
 /// USB), skipping groups for hardware the PCI bus does not have, until the root partition
-/// appears; the needed groups after that load on a thread beside the prompt (a USB keyboard
-/// still needs them) instead of holding up the boot. Without a root by the last group, the
-/// skipped groups load too (a device the PCI classes did not predict) and `find-root` waits.
+/// appears; the needed `input` groups after that load on a thread beside the prompt (a USB
+/// keyboard still needs them) instead of holding up the boot, and the other groups not at all.
+/// Without a root by the last group, the skipped groups load too (a device the PCI classes did
+/// not predict) and `find-root` waits.
 fn load_disk_groups(c: &Consoles, cmdline: &Cmdline) -> Result<(Option<PathBuf>, Leftover), kmod::KmodError> {
     let dir = kmod::modules_dir()?;
     let text = std::fs::read_to_string(MODULES_DISK_LIST)
@@ -140,7 +141,10 @@ fn load_disk_groups(c: &Consoles, cmdline: &Cmdline) -> Result<(Option<PathBuf>,
         let Some(uuid) = &partuuid else { continue };
         if let Ok(dev) = root::wait_for(&root::Paths::default(), uuid, GROUP_SETTLE, GROUP_POLL) {
             c.line(&format!("cloister: root is {} (after the {} drivers)", dev.display(), group.name));
-            let rest: Vec<String> = wanted[i + 1..].iter().flat_map(|g| g.modules.clone()).collect();
+            // Only keyboards can still need a driver; the others would just compete with the
+            // unlock modules (and the KDF) for the CPUs.
+            let rest: Vec<String> =
+                wanted[i + 1..].iter().filter(|g| g.input).flat_map(|g| g.modules.clone()).collect();
             return Ok((Some(dev), Leftover::start(dir, rest)));
         }
     }
@@ -187,28 +191,73 @@ impl Leftover {
     }
 }
 
-/// A modules list loading on its own thread; [`Background::finish`] waits for it once.
+/// The unlock modules (`modules.unlock`: dm-crypt, its cipher, XFS), each group of the list on
+/// a thread of its own, all started before the disk drivers: xfs.ko alone takes over a second
+/// to link under emulation, and on its own thread it waits behind nothing. A group whose CPU
+/// flag this CPU lacks is not loaded at all. [`Background::finish`] waits for them once.
 struct Background {
     list: &'static str,
     started: Instant,
-    handle: Option<std::thread::JoinHandle<Result<kmod::ListLoad, kmod::KmodError>>>,
+    /// Taken by the first [`Background::finish`].
+    loads: Option<Result<Vec<GroupLoad>, kmod::KmodError>>,
+    skipped: Vec<String>,
+}
+
+/// One group loading on its own thread; the thread returns what it said and how long it took.
+struct GroupLoad {
+    name: String,
+    handle: std::thread::JoinHandle<(kmod::ListLoad, u128)>,
 }
 
 impl Background {
     fn start(list: &'static str) -> Self {
-        let handle = std::thread::spawn(move || kmod::load_list_file(list));
-        Self { list, started: Instant::now(), handle: Some(handle) }
+        let started = Instant::now();
+        let mut skipped = Vec::new();
+        let loads = Self::groups(list).map(|(dir, groups)| {
+            // Unreadable: every group loads, as it would on a CPU that has every flag.
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
+            let flags = cpuinfo.as_deref().map(kmod::cpu_flags);
+            let mut loads = Vec::new();
+            for group in groups {
+                if let Some(flag) = flags.as_deref().and_then(|f| group.missing_cpu_flag(f)) {
+                    skipped.push(format!("cloister: modules {} skipped: the CPU has no {flag}", group.name));
+                    continue;
+                }
+                let dir = dir.clone();
+                let handle = std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let rels: Vec<&str> = group.modules.iter().map(String::as_str).collect();
+                    (kmod::load_paths(&dir, &rels, None), t.elapsed().as_millis())
+                });
+                loads.push(GroupLoad { name: group.name, handle });
+            }
+            loads
+        });
+        Self { list, started, loads: Some(loads), skipped }
     }
 
-    /// Waits for the load (only the first call does), then prints what it said and how long
-    /// it took and how long we had to wait for it.
+    fn groups(list: &str) -> Result<(PathBuf, Vec<kmod::Group>), kmod::KmodError> {
+        let dir = kmod::modules_dir()?;
+        let text = std::fs::read_to_string(list)
+            .map_err(|source| kmod::KmodError::Read { path: list.into(), source })?;
+        Ok((dir, kmod::parse_groups(&text)))
+    }
+
+    /// Waits for the loads (only the first call does), then prints what they said, how long
+    /// each group took, how long the whole took and how long we had to wait for it.
     fn finish(&mut self, c: &Consoles) -> Result<(), UnlockStepError> {
-        let Some(handle) = self.handle.take() else { return Ok(()) };
+        let Some(loads) = self.loads.take() else { return Ok(()) };
+        let loads = loads.map_err(UnlockStepError::Modules)?;
         let waiting = Instant::now();
-        let result = handle.join().map_err(|_| UnlockStepError::ModulesThread(self.list))?;
-        let load = result.map_err(UnlockStepError::Modules)?;
-        for m in &load.messages {
-            c.line(m);
+        for m in self.skipped.drain(..) {
+            c.line(&m);
+        }
+        for load in loads {
+            let (done, ms) = load.handle.join().map_err(|_| UnlockStepError::ModulesThread(self.list))?;
+            for m in &done.messages {
+                c.line(m);
+            }
+            c.line(&format!("cloister: modules {}: {} loaded in {ms} ms", load.name, done.loaded));
         }
         c.line(&format!(
             "step unlock-modules: ok ({} ms, {} ms of it waited for)",

@@ -18,13 +18,18 @@ use crate::tree::{Node, Tree, TreeError};
 ///
 /// Each group names the PCI devices it serves (`v<vendor>` or `c<class prefix>`, hex, as in
 /// sysfs): stage 1 skips a group when no such device exists, e.g. the whole USB stack on a VM
-/// without a USB controller. A group with no match is always loaded.
-pub const DISK_MODULE_GROUPS: &[DiskGroup] = &[
-    DiskGroup { name: "virtio", pci: &["v1af4"], modules: &["virtio_pci", "virtio_blk"] },
-    DiskGroup { name: "native", pci: &["c01", "v1af4"], modules: &["virtio_scsi", "sd_mod", "ahci", "nvme"] },
-    DiskGroup {
+/// without a USB controller. A group with no match is always loaded. Once the root is found,
+/// stage 1 still loads the later groups marked `input` (USB: a keyboard), and no others.
+pub const DISK_MODULE_GROUPS: &[ModuleGroup] = &[
+    ModuleGroup { name: "virtio", words: &["v1af4"], modules: &["virtio_pci", "virtio_blk"] },
+    ModuleGroup {
+        name: "native",
+        words: &["c01", "v1af4"],
+        modules: &["virtio_scsi", "sd_mod", "ahci", "nvme"],
+    },
+    ModuleGroup {
         name: "usb",
-        pci: &["c0c03"],
+        words: &["c0c03", "input"],
         modules: &[
             "xhci_pci",
             "ehci_pci",
@@ -38,22 +43,33 @@ pub const DISK_MODULE_GROUPS: &[DiskGroup] = &[
     },
 ];
 
-/// One group of [`DISK_MODULE_GROUPS`].
+/// One group of a modules list: written as `# group <name> <words...>` and then its modules'
+/// closure (see `kmod::GROUP_MARK` in init for what stage 1 makes of the words).
 #[derive(Debug, Clone, Copy)]
-pub struct DiskGroup {
+pub struct ModuleGroup {
     pub name: &'static str,
-    /// PCI matches: `v<vendor id>` or `c<class code prefix>`, lowercase hex without `0x`.
-    pub pci: &'static [&'static str],
+    /// PCI matches (`v<vendor id>`, `c<class code prefix>`, lowercase hex without `0x`),
+    /// `cpu:<flag>` (a /proc/cpuinfo flag the modules need) and `input`.
+    pub words: &'static [&'static str],
     pub modules: &'static [&'static str],
 }
 
 /// What the initramfs loads to unlock the root with dm-crypt (aes-xts-plain64) and mount its
-/// XFS; not needed to find the disk, so stage 1 loads them while the passphrase prompt waits.
+/// XFS; not needed to find the disk, so stage 1 loads them while it looks for the disk and the
+/// passphrase prompt waits, each group on a thread of its own: xfs.ko alone takes over a second
+/// to link under emulation, so it waits behind nothing. Each group is a whole closure (a module
+/// in two is loaded by whichever thread comes first; the other waits for it and gets EEXIST).
 /// Crypto is named by module, not by alias: `crypto-aes` would also pull in `padlock_aes`
 /// (VIA CPUs only), `aes_generic`, `cbc` and `sha256_generic` are built in, and dm-crypt with
 /// aes-xts-plain64 needs no hash (LUKS key slots are opened in userspace). `aesni_intel` fails
-/// to load on CPUs without AES-NI (QEMU's default TCG CPU): the built-in `aes_generic` serves.
-pub const UNLOCK_MODULES: &[&str] = &["dm_mod", "dm_crypt", "xts", "aesni_intel", "xfs", "crc32c_intel"];
+/// to load on CPUs without AES-NI (QEMU's older CPU models; TCG's `max` emulates it), after
+/// 0.3 s of linking under emulation: its group says `cpu:aes` and stage 1 does not try it
+/// there; the built-in `aes_generic` serves.
+pub const UNLOCK_MODULE_GROUPS: &[ModuleGroup] = &[
+    ModuleGroup { name: "xfs", words: &[], modules: &["xfs", "crc32c_intel"] },
+    ModuleGroup { name: "dm-crypt", words: &[], modules: &["dm_mod", "dm_crypt", "xts"] },
+    ModuleGroup { name: "aesni", words: &["cpu:aes"], modules: &["aesni_intel"] },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModulesError {

@@ -229,6 +229,9 @@ fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
         ensure!(text.lines().any(|l| l.ends_with(m)), "module lists lack {m}:\n{disk}\n--\n{unlock}");
     }
     ensure!(disk.contains("# group virtio v1af4\n"), "the disk list has no virtio group:\n{disk}");
+    // Keyboards still load once the root is found; AES-NI only where the CPU has it.
+    ensure!(disk.contains("# group usb c0c03 input\n"), "the USB group is not marked input:\n{disk}");
+    ensure!(unlock.contains("# group aesni cpu:aes\n"), "aesni_intel not gated by the CPU:\n{unlock}");
     for line in disk.lines().chain(unlock.lines()).filter(|l| !l.starts_with('#')) {
         ensure!(
             root.join("lib/modules").read_dir()?.flatten().any(|k| k.path().join(line).is_file()),

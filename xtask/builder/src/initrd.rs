@@ -35,26 +35,35 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
         ar.copy_from_root(root, &rel).with_context(|| format!("library {}", rel.display()))?;
     }
     let index = ModuleIndex::load(root, kver)?;
-    // Each list is a whole closure: stage 1 loads them on two threads at once, and a module in
-    // both is loaded by whichever comes first (the other waits for it and gets EEXIST).
-    // The disk list is grouped (`# group <name>` lines, see `kmod::parse_groups` in init): each
-    // group's closure without what an earlier group already loads.
+    // Both lists are grouped (`# group <name> <words>` lines, see `kmod::parse_groups` in init).
+    // The disk list's groups load one after the other: each group's closure without what an
+    // earlier group already loads. The unlock list's groups load at once, each on a thread of
+    // its own and beside the disk list: each is a whole closure (a module in two is loaded by
+    // whichever comes first, the other waits for it and gets EEXIST).
     let mut disk: Vec<ModulePath> = Vec::new();
     let mut disk_text = String::new();
     for group in modules::DISK_MODULE_GROUPS {
-        disk_text.push_str(&format!("# group {} {}\n", group.name, group.pci.join(" ")));
+        disk_text.push_str(&group_mark(group));
         for m in index.closure(group.modules)? {
             if !disk.contains(&m) {
-                disk_text.push_str(&m.rel.to_string_lossy());
-                disk_text.push('\n');
+                disk_text.push_str(&format!("{}\n", m.rel.to_string_lossy()));
                 disk.push(m);
             }
         }
     }
-    let unlock = index.closure(modules::UNLOCK_MODULES)?;
-    let unlock_text: String = unlock.iter().map(|m| format!("{}\n", m.rel.to_string_lossy())).collect();
+    let mut unlock: Vec<ModulePath> = Vec::new();
+    let mut unlock_text = String::new();
+    for group in modules::UNLOCK_MODULE_GROUPS {
+        unlock_text.push_str(&group_mark(group));
+        for m in index.closure(group.modules)? {
+            unlock_text.push_str(&format!("{}\n", m.rel.to_string_lossy()));
+            if !unlock.contains(&m) {
+                unlock.push(m);
+            }
+        }
+    }
     let modules_dir = modules::modules_dir_rel(root, kver);
-    for m in disk.iter().chain(&unlock) {
+    for m in disk.iter().chain(unlock.iter().filter(|m| !disk.contains(m))) {
         ar.copy_from_root(root, modules_dir.join(&m.rel))?;
     }
     ar.file_bytes(MODULES_DISK_LIST.trim_start_matches('/'), disk_text, 0o644)?;
@@ -65,4 +74,8 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
     let mut names: Vec<String> = disk.into_iter().map(|m| m.name).collect();
     names.extend(unlock.into_iter().map(|m| m.name).filter(|n| !names.contains(n)).collect::<Vec<_>>());
     Ok(Initrd { bytes, modules: names })
+}
+
+fn group_mark(group: &modules::ModuleGroup) -> String {
+    format!("# group {} {}\n", group.name, group.words.join(" ")).replace(" \n", "\n")
 }
