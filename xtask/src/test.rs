@@ -160,14 +160,9 @@ fn production_image(bins: &build::Binaries, reuse: bool) -> Result<PathBuf> {
     let dir = build::target_dir().join("production-image");
     let image = dir.join("disk.img");
     let passphrase = dir.join("passphrase");
-    if reuse && image.is_file() && passphrase.is_file() {
-        eprintln!("xtask: reusing {}", image.display());
+    if reuse_or_clear(&dir, reuse, &[&image, &passphrase])? {
         return Ok(image);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_private(&passphrase, random_passphrase()?.as_bytes())?;
     let args: Vec<String> = vec![
         "--output".into(),
@@ -193,14 +188,9 @@ impl TestImage {
         let image = dir.join("disk.img");
         let passphrase_file = dir.join("passphrase");
         let me = Self { dir: dir.clone(), image: image.clone(), passphrase_file: passphrase_file.clone() };
-        if reuse && image.is_file() && passphrase_file.is_file() {
-            eprintln!("xtask: reusing {}", image.display());
+        if reuse_or_clear(&dir, reuse, &[&image, &passphrase_file])? {
             return Ok(me);
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // A fresh random passphrase per run: it only ever exists in this file, which the tests
         // read and which lives in the test image's own directory.
         write_private(&passphrase_file, random_passphrase()?.as_bytes())?;
@@ -224,14 +214,9 @@ impl TestImage {
     fn fail_closed_variant(&self, bins: &build::Binaries, reuse: bool) -> Result<PathBuf> {
         let dir = build::target_dir().join("test-image-fail-closed");
         let image = dir.join("disk.img");
-        if reuse && image.is_file() {
-            eprintln!("xtask: reusing {}", image.display());
+        if reuse_or_clear(&dir, reuse, &[&image])? {
             return Ok(image);
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for name in ["test-image.toml", "passphrase", "appliance-torrc"] {
             std::fs::copy(self.dir.join(name), dir.join(name))
                 .with_context(|| format!("cannot copy {name} for the fail-closed image"))?;
@@ -267,6 +252,20 @@ impl TestImage {
             ("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()),
         ])
     }
+}
+
+/// `true` when `reuse` finds every one of `outputs` (the image first) from an earlier build;
+/// otherwise `dir` is made anew, empty, for this one.
+fn reuse_or_clear(dir: &Path, reuse: bool, outputs: &[&Path]) -> Result<bool> {
+    if reuse && outputs.iter().all(|p| p.is_file()) {
+        eprintln!("xtask: reusing {}", outputs.first().map_or(dir, |p| p).display());
+        return Ok(true);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(false)
 }
 
 /// Chat accounts of the test image; each password is fresh per build and lives only in
