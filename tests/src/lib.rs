@@ -6,10 +6,12 @@
 
 pub mod capture;
 pub mod console;
+pub mod hsdesc;
 pub mod onion;
 pub mod qr;
 pub mod rawframe;
 pub mod tools;
+pub mod torctl;
 pub mod tornet;
 pub mod writelog;
 
@@ -32,6 +34,9 @@ pub struct E2e {
     /// The test image built again with `--test-break-firewall-check`, when the run's filter
     /// selects the test that boots it (`CLOISTER_TEST_IMAGE_FAIL_CLOSED`).
     pub fail_closed_image: Option<PathBuf>,
+    /// A production image (default config, no test option, `passphrase` beside it), when the
+    /// run's filter selects the test that opens it (`CLOISTER_TEST_IMAGE_PRODUCTION`).
+    pub production_image: Option<PathBuf>,
 }
 
 impl E2e {
@@ -51,6 +56,7 @@ impl E2e {
             xtask: var("CLOISTER_XTASK_BIN"),
             cache: var("CLOISTER_TEST_CACHE"),
             fail_closed_image: std::env::var_os("CLOISTER_TEST_IMAGE_FAIL_CLOSED").map(PathBuf::from),
+            production_image: std::env::var_os("CLOISTER_TEST_IMAGE_PRODUCTION").map(PathBuf::from),
         };
         // With CLOISTER_E2E set, a missing path is a broken harness, not a reason to skip.
         assert!(me.image.is_file(), "CLOISTER_TEST_IMAGE {} is not a file", me.image.display());
@@ -58,9 +64,7 @@ impl E2e {
     }
 
     pub fn passphrase(&self) -> Result<String> {
-        let text = std::fs::read_to_string(&self.passphrase_file)
-            .with_context(|| format!("cannot read {}", self.passphrase_file.display()))?;
-        Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
+        read_passphrase(&self.passphrase_file)
     }
 
     /// A fresh directory for one test's files, below the run's work directory.
@@ -105,6 +109,12 @@ impl Host {
         assert!(nix::unistd::geteuid().is_root(), "{test}: the supervisor's host tests need root");
         Some(Self { init })
     }
+}
+
+/// A passphrase file as the builder reads it: the whole file minus one trailing newline.
+pub fn read_passphrase(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_string())
 }
 
 pub fn manifest_path(image: &Path) -> PathBuf {

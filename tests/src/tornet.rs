@@ -123,6 +123,39 @@ pub fn check_torrc(text: &str) -> Result<(), GuardError> {
     Ok(())
 }
 
+/// The other side of [`check_torrc`]: what a production image's torrc must not say (any line
+/// of a test network, a client or control port) and must say (the proof-of-work defence).
+/// Returns every problem, each naming its line; empty means clean. Keys are compared as tor
+/// does, ignoring case.
+pub fn production_torrc_problems(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut pow = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (key, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let (key, value) = (key.to_ascii_lowercase(), value.trim());
+        match key.as_str() {
+            "testingtornetwork"
+            | "dirauthority"
+            | "alternatedirauthority"
+            | "alternatebridgeauthority"
+            | "%include" => problems.push(format!("{line:?} belongs to a test network")),
+            k if k.starts_with("testing") => problems.push(format!("{line:?} belongs to a test network")),
+            "socksport" | "controlport" | "controlsocket" | "dnsport" | "transport" | "natdport"
+            | "httptunnelport"
+                if value != "0" =>
+            {
+                problems.push(format!("{line:?} opens a port"))
+            }
+            "hiddenservicepowdefensesenabled" => pow = value == "1",
+            _ => {}
+        }
+    }
+    if !pow {
+        problems.push("no HiddenServicePoWDefensesEnabled 1".into());
+    }
+    problems
+}
+
 /// The one `a.b.c.d:port` word of a directory line (flags and `key=value` words are skipped).
 fn directory_address(value: &str) -> Option<SocketAddrV4> {
     let mut found = value.split_whitespace().filter_map(|w| w.parse::<SocketAddrV4>().ok());
@@ -222,6 +255,15 @@ impl Prepared {
             // ExtendedErrors: a missing onion descriptor is reported as such, not as "host
             // unreachable".
             let _ = writeln!(t, "SocksPort 127.0.0.1:{SOCKS_PORT} ExtendedErrors");
+            // Tests ask it what it fetched (an onion service's descriptor): a unix socket in a
+            // directory only root may enter, no TCP control port, and a cookie besides.
+            let c = ClientControl::of(&self.dir);
+            let _ = write!(
+                t,
+                "ControlSocket {}\nCookieAuthentication 1\nCookieAuthFile {}\n",
+                c.socket.display(),
+                c.cookie.display()
+            );
             return t;
         }
         let _ = write!(
@@ -246,6 +288,42 @@ impl Prepared {
 
 fn node_dir(dir: &Path, nick: &str) -> PathBuf {
     dir.join("nodes").join(nick)
+}
+
+/// Where the client's control socket and its cookie live: a directory of the client's own that
+/// only its owner may enter (tor refuses a control socket in any other).
+pub struct ClientControl {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub cookie: PathBuf,
+}
+
+impl ClientControl {
+    /// For the network in `dir` (`CLOISTER_TORNET_DIR`).
+    pub fn of(dir: &Path) -> Self {
+        let d = node_dir(dir, "client").join("control");
+        Self { socket: d.join("socket"), cookie: d.join("cookie"), dir: d }
+    }
+
+    /// Makes the directory 0700, with no socket or cookie of an earlier run left in it.
+    fn prepare(&self) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
+        for stale in [&self.socket, &self.cookie] {
+            match fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", stale.display()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Makes authority keys (unless `dir` has them already), every node's torrc and
@@ -445,6 +523,9 @@ impl TorNet {
         let d = self.prepared.node_dir(nick);
         fs::create_dir_all(&d)?;
         clear_state(&d.join("data"))?;
+        if nick == "client" {
+            ClientControl::of(&self.prepared.dir).prepare()?;
+        }
         let _ = fs::remove_file(d.join("notice.log"));
         let path = d.join("torrc");
         fs::write(&path, torrc).with_context(|| format!("writing {}", path.display()))?;
@@ -658,6 +739,37 @@ mod tests {
         assert_eq!(n[8].addr, Ipv4Addr::new(10, 77, 0, 19));
         assert_eq!(n[8].role, Role::Client);
         assert!(n.iter().all(|x| in_subnet(x.addr) && x.addr.octets()[3] < 100));
+    }
+
+    /// Only the client gets a control socket, in its own directory; nobody gets a TCP one.
+    #[test]
+    fn the_client_alone_has_a_control_socket_with_a_cookie() {
+        let dir = Path::new("/nonexistent/tornet");
+        let p = Prepared { dir: dir.into(), authorities: Vec::new(), appliance_torrc: dir.join("a") };
+        for node in nodes() {
+            let t = p.torrc(&node);
+            assert!(!t.contains("ControlPort"), "{t}");
+            let socket = t.lines().find_map(|l| l.strip_prefix("ControlSocket "));
+            if node.role == Role::Client {
+                assert_eq!(socket, Some("/nonexistent/tornet/nodes/client/control/socket"));
+                assert!(t.contains("CookieAuthentication 1\n"), "{t}");
+            } else {
+                assert_eq!(socket, None, "{}", node.nick);
+            }
+        }
+    }
+
+    #[test]
+    fn a_production_torrc_has_no_test_line_and_no_port_and_keeps_pow() {
+        let good =
+            "SocksPort 0\nControlPort 0\n# DirAuthority commented out\nHiddenServicePoWDefensesEnabled 1\n";
+        assert_eq!(production_torrc_problems(good), Vec::<String>::new());
+        let bad = "TestingTorNetwork 1\ndirauthority a 10.77.0.11:9030 F\nTestingV3AuthVotingInterval 20\n\
+                   SocksPort 9050\nSOCKSPORT 0\nControlSocket /run/tor/control\nHiddenServicePoWDefensesEnabled 0\n";
+        let problems = production_torrc_problems(bad);
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(problems[3].contains("SocksPort 9050"), "{problems:#?}");
+        assert_eq!(problems[5], "no HiddenServicePoWDefensesEnabled 1");
     }
 
     #[test]

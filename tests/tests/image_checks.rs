@@ -130,6 +130,89 @@ fn decrypted_root_is_clean_xfs_holding_exactly_the_staging_tree() -> Result<()> 
     Ok(())
 }
 
+/// The production image `cargo xtask test` builds as `cargo xtask build-image` would (default
+/// config, no option but the passphrase file): its manifest records no test option and the
+/// default config's KDF, its LUKS header says the same, and in its root, decrypted offline like
+/// the test image's, the torrc tor is started with (named by the plan's tor service) and
+/// Debian's /etc/tor/torrc carry no test-network line and no client or control port, and the
+/// former keeps the proof-of-work defence.
+#[test]
+fn production_image_has_no_test_network_and_records_no_test_option() -> Result<()> {
+    let Some(e2e) = setup("production") else { return Ok(()) };
+    // With CLOISTER_E2E set and this test selected, xtask built the image.
+    let image = e2e.production_image.clone().context("CLOISTER_TEST_IMAGE_PRODUCTION is not set")?;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest_path(&image))?)?;
+    let build = &manifest["build"];
+    ensure!(
+        build["test_options"] == false && build["flags"] == serde_json::json!([]),
+        "the production image's manifest records test options: {build}"
+    );
+    // The default config's cost, not the test KDF's (64 MiB, 4 passes). Lanes are not compared:
+    // libcryptsetup caps them at the build host's CPUs. It can also lower the memory, silently
+    // (seen once on a shared 2-core build host: 503280 KiB for 524288), so only a lowering to the
+    // test KDF's or below fails here; any lowering is said in the log.
+    let kdf = cloister_config::Config::default().kdf;
+    let pbkdf = &manifest["luks"]["pbkdf"];
+    let memory = pbkdf["memory_kib"].as_u64().context("the manifest has no KDF memory")?;
+    let configured = u64::from(kdf.memory_mib) * 1024;
+    ensure!(
+        pbkdf["type"] == "argon2id"
+            && pbkdf["iterations"] == kdf.iterations
+            && memory > 64 * 1024
+            && memory <= configured,
+        "the manifest's KDF {pbkdf} is not the default config's {kdf:?}"
+    );
+    if memory < configured {
+        eprintln!(
+            "production image: libcryptsetup lowered the KDF memory to {memory} KiB (config: {configured})"
+        );
+    }
+    let dir = e2e.scratch("production")?;
+    let parts = partitions(&image)?;
+    let root = dir.join("root.img");
+    extract_partition(&image, &parts[1], &root)?;
+    let dump = stdout(&run(Command::new("cryptsetup").arg("luksDump").arg(&root))?);
+    let field = |name: &str| dump.lines().find_map(|l| l.trim().strip_prefix(name)).map(str::trim);
+    ensure!(field("PBKDF:") == Some("argon2id"), "luksDump:\n{dump}");
+    let memory = memory.to_string();
+    ensure!(field("Memory:") == Some(memory.as_str()), "luksDump: not the manifest's {memory} KiB:\n{dump}");
+    let passphrase = read_passphrase(&image.with_file_name("passphrase"))?;
+    timed("production root decrypted offline", || decrypt_offline(&root, &dir.join("header"), &passphrase))?;
+    let mount = LoopMount::read_only(&root, &dir.join("mnt"))?;
+    let checked = production_torrcs_are_clean(mount.path());
+    drop(mount);
+    eprintln!("{}", checked?);
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// The torrc the plan's tor service reads (`-f`, with `--defaults-torrc /dev/null`, so nothing
+/// else is read) and Debian's own, checked by `tornet::production_torrc_problems`; the latter
+/// only for test-network lines and ports (tor is never told to read it).
+fn production_torrcs_are_clean(root: &Path) -> Result<String> {
+    let plan_path = root.join(cloister_plan::PLAN_PATH.trim_start_matches('/'));
+    let plan = cloister_plan::Plan::load(&plan_path)?;
+    let tor = plan.services.iter().find(|s| s.name == "tor").context("the plan has no tor service")?;
+    let arg = |flag: &str| tor.args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str());
+    ensure!(arg("--defaults-torrc") == Some("/dev/null"), "tor reads a defaults torrc: {:?}", tor.args);
+    let torrc = arg("-f").context("the tor service names no torrc")?;
+    let mut said = Vec::new();
+    for (path, whole) in [(torrc, true), ("/etc/tor/torrc", false)] {
+        let file = root.join(path.trim_start_matches('/'));
+        if !whole && !file.exists() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {path} in the image"))?;
+        let mut problems = cloister_tests::tornet::production_torrc_problems(&text);
+        if !whole {
+            problems.retain(|p| !p.starts_with("no HiddenServicePoWDefensesEnabled"));
+        }
+        ensure!(problems.is_empty(), "{path} in the production image: {problems:#?}\n{text}");
+        said.push(format!("{path}: {} lines, clean", text.lines().count()));
+    }
+    Ok(said.join("; "))
+}
+
 /// The image's own sshd (Debian's) reading the image's own sshd_config, for a chat user and for
 /// an admin (`sshd -T -C`, chrooted into the decrypted root, in a mount namespace of its own
 /// with a throw-away host key): what the appliance's sshd really does, whatever the file says.

@@ -23,6 +23,8 @@ use cloister_tests::*;
 mod admin;
 #[path = "onion_chat/console.rs"]
 mod console;
+#[path = "onion_chat/descriptor.rs"]
+mod descriptor;
 #[path = "onion_chat/disk.rs"]
 mod disk;
 #[path = "onion_chat/totp.rs"]
@@ -74,17 +76,21 @@ fn users_log_in_through_the_onion_service_and_get_only_the_chat_shell() -> Resul
     ensure!(first.contains("chat    open the chat"), "no help text in:\n{first}");
     let known = ssh.known_host_fingerprint()?;
     ensure!(known == host_key, "host key {known} is not the console's {host_key}");
-    let result = scenarios(&ssh, &host_key, &chat_log)
-        .and_then(|()| {
-            timed("admin console: refusals, password, enrolment, password and code", || {
-                console::console_admin_entry(&vm, &ssh)
-            })
+    let result = timed("the descriptor the client fetched announces proof-of-work", || {
+        eprintln!("{}", descriptor::descriptor_announces_proof_of_work(&net_dir, &onion)?);
+        Ok(())
+    })
+    .and_then(|()| scenarios(&ssh, &host_key, &chat_log))
+    .and_then(|()| {
+        timed("admin console: refusals, password, enrolment, password and code", || {
+            console::console_admin_entry(&vm, &ssh)
         })
-        .and_then(|()| {
-            timed("disk passphrases: refusals, add, remove, never the last", || {
-                disk::disk_passphrases(&ssh, &e2e.passphrase()?)
-            })
-        });
+    })
+    .and_then(|()| {
+        timed("disk passphrases: refusals, add, remove, never the last", || {
+            disk::disk_passphrases(&ssh, &e2e.passphrase()?)
+        })
+    });
     // Test artifacts beside the other runs' (the scratch directory goes on success): what the
     // appliance printed, to read the timings and refusals from.
     let console_log = e2e.work.join("onion-chat-console.log");

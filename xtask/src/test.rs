@@ -5,7 +5,10 @@
 //! 2. a test image built by `cloister-build` as an unprivileged user (when run as root), with a
 //!    weak KDF that its manifest records;
 //! 3. `cloister-tests`: that image checked by independent tools, the builder's bad-input paths,
-//!    and the boots under QEMU, with `CLOISTER_E2E=1` and the paths in the environment.
+//!    and the boots under QEMU, with `CLOISTER_E2E=1` and the paths in the environment. Two more
+//!    images are built only when the filter may select their test: the fail-closed variant of
+//!    the test image, and a production image (default config, no test option) whose decrypted
+//!    root is checked for test-network torrc lines.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,12 +70,25 @@ pub fn test(args: &TestArgs) -> Result<()> {
         }
     };
 
+    let production = match args.filter.as_deref() {
+        Some(f) if !PRODUCTION_TEST.contains(f) => None,
+        _ => {
+            let t = Instant::now();
+            let path = production_image(&bins, args.reuse_image)?;
+            timings.push(("production image build", t.elapsed().as_secs_f64()));
+            Some(path)
+        }
+    };
+
     // Started once for the whole run; it bootstraps while the image checks and boots run.
     let network = tornet::Running::start(&tornet)?;
     let t = Instant::now();
     let mut env = image.env(&bins, &tornet)?;
     if let Some(path) = fail_closed {
         env.push(("CLOISTER_TEST_IMAGE_FAIL_CLOSED", path.display().to_string()));
+    }
+    if let Some(path) = production {
+        env.push(("CLOISTER_TEST_IMAGE_PRODUCTION", path.display().to_string()));
     }
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let result = run_tests(&["--package", "cloister-tests"], args.filter.as_deref(), &env);
@@ -132,6 +148,32 @@ fn run_tests(selection: &[&str], filter: Option<&str>, env: &[(&str, &str)]) -> 
 /// (`tests/tests/vm_network.rs`); its image is built only when a run may select it.
 const FAIL_CLOSED_TEST: &str = "firewall_check_failure_holds_every_service_and_the_uplink";
 
+/// The image check that opens a production image (`tests/tests/image_checks.rs`); the image is
+/// built only when a run may select it.
+const PRODUCTION_TEST: &str = "production_image_has_no_test_network_and_records_no_test_option";
+
+/// What `cargo xtask build-image` makes with no options (the embedded default config, the
+/// production KDF, no test hook), except that the passphrase comes from a file: written into
+/// `target/production-image/`, `passphrase` beside `disk.img`. Built like the test image (as
+/// nobody when run as root, the same warm package cache).
+fn production_image(bins: &build::Binaries, reuse: bool) -> Result<PathBuf> {
+    let dir = build::target_dir().join("production-image");
+    let image = dir.join("disk.img");
+    let passphrase = dir.join("passphrase");
+    if reuse_or_clear(&dir, reuse, &[&image, &passphrase])? {
+        return Ok(image);
+    }
+    write_private(&passphrase, random_passphrase()?.as_bytes())?;
+    let args: Vec<String> = vec![
+        "--output".into(),
+        image.display().to_string(),
+        "--passphrase-file".into(),
+        passphrase.display().to_string(),
+    ];
+    run_builder(bins, &dir, &args)?;
+    Ok(image)
+}
+
 /// The image the end-to-end tests (and the onion benchmark) boot, with the passphrase file
 /// they type from.
 pub struct TestImage {
@@ -146,14 +188,9 @@ impl TestImage {
         let image = dir.join("disk.img");
         let passphrase_file = dir.join("passphrase");
         let me = Self { dir: dir.clone(), image: image.clone(), passphrase_file: passphrase_file.clone() };
-        if reuse && image.is_file() && passphrase_file.is_file() {
-            eprintln!("xtask: reusing {}", image.display());
+        if reuse_or_clear(&dir, reuse, &[&image, &passphrase_file])? {
             return Ok(me);
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // A fresh random passphrase per run: it only ever exists in this file, which the tests
         // read and which lives in the test image's own directory.
         write_private(&passphrase_file, random_passphrase()?.as_bytes())?;
@@ -177,14 +214,9 @@ impl TestImage {
     fn fail_closed_variant(&self, bins: &build::Binaries, reuse: bool) -> Result<PathBuf> {
         let dir = build::target_dir().join("test-image-fail-closed");
         let image = dir.join("disk.img");
-        if reuse && image.is_file() {
-            eprintln!("xtask: reusing {}", image.display());
+        if reuse_or_clear(&dir, reuse, &[&image])? {
             return Ok(image);
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for name in ["test-image.toml", "passphrase", "appliance-torrc"] {
             std::fs::copy(self.dir.join(name), dir.join(name))
                 .with_context(|| format!("cannot copy {name} for the fail-closed image"))?;
@@ -220,6 +252,20 @@ impl TestImage {
             ("CLOISTER_TORNET_DIR", tornet.dir.display().to_string()),
         ])
     }
+}
+
+/// `true` when `reuse` finds every one of `outputs` (the image first) from an earlier build;
+/// otherwise `dir` is made anew, empty, for this one.
+fn reuse_or_clear(dir: &Path, reuse: bool, outputs: &[&Path]) -> Result<bool> {
+    if reuse && outputs.iter().all(|p| p.is_file()) {
+        eprintln!("xtask: reusing {}", outputs.first().map_or(dir, |p| p).display());
+        return Ok(true);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(false)
 }
 
 /// Chat accounts of the test image; each password is fresh per build and lives only in
