@@ -47,17 +47,18 @@ pub fn onion_rows(rows: &mut Vec<Row>, bins: &build::Binaries, reuse: bool) -> R
     Ok(())
 }
 
-/// The programs the issue names, and the appliance's own, as the kernel names them (`comm`,
-/// at most 15 bytes: `cloister-ircgate` shows as `cloister-ircgat`).
+/// The programs the issue names, and the appliance's own, as the kernel names them (`comm`:
+/// the file name, at most 15 bytes). Ours are installed without their crate prefix
+/// (`/usr/lib/cloister/shell`, …: the builder's `COMPANIONS`), so their `comm` is that name.
 const PROGRAMS: &[(&str, &str)] = &[
     ("tor", "tor"),
     ("sshd", "sshd"),
     ("ngircd", "ngircd"),
     ("irssi", "irssi"),
-    ("ircgate", "cloister-ircgat"),
-    ("bridge", "cloister-bridge"),
-    ("shell", "cloister-shell"),
-    ("admin CLI", "cloister-admin"),
+    ("ircgate", "ircgate"),
+    ("bridge", "bridge"),
+    ("shell", "shell"),
+    ("admin CLI", "admin"),
 ];
 
 fn figure_rows(rows: &mut Vec<Row>, f: &Value) {
