@@ -214,15 +214,7 @@ fn chat_namespace_firewall_keeps_users_on_the_gateway() -> Result<()> {
         listeners.push(KillOnDrop(child));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let connect = |uid: u32, gid: u32, port: &str| -> Result<bool> {
-        let (uid, gid) = (uid.to_string(), gid.to_string());
-        let out = ns
-            .cmd(&["setpriv", "--reuid", &uid, "--regid", &gid, "--clear-groups", "busybox", "nc", "-w", "2"])
-            .args(["127.0.0.1", port])
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(out.status.success())
-    };
+    let connect = |uid: u32, gid: u32, port: &str| connects_as(&ns, uid, gid, "127.0.0.1", port);
     let user = 5001;
     ensure!(connect(GATEWAY_UID, GATEWAY_UID, "6668")?, "the gateway could not reach the server");
     ensure!(!connect(NOBODY, NOBODY, "6668")?, "another uid reached the server's port");
@@ -244,15 +236,9 @@ fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
     let app = netns("app")?;
     let peer = netns("peer")?;
     apply(&app, &host.init, &s.plan)?;
-    let (va, vp) =
-        (format!("fwa{}", std::process::id() % 100_000), format!("fwp{}", std::process::id() % 100_000));
+    let (va, vp) = (veth("fwa"), veth("fwp"));
     app.exec(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vp, "netns", &peer.name])?;
-    app.exec(&["ip", "addr", "add", "10.199.7.1/24", "dev", &va])?;
-    app.exec(&["ip", "-6", "addr", "add", "fd00:199:7::1/64", "dev", &va, "nodad"])?;
-    app.exec(&["ip", "link", "set", &va, "up"])?;
-    peer.exec(&["ip", "addr", "add", "10.199.7.2/24", "dev", &vp])?;
-    peer.exec(&["ip", "-6", "addr", "add", "fd00:199:7::2/64", "dev", &vp, "nodad"])?;
-    peer.exec(&["ip", "link", "set", &vp, "up"])?;
+    address_pair(&app, &va, &peer, &vp, 7)?;
     let mut listeners = Vec::new();
     for port in ["443", "8080"] {
         let addr = format!("10.199.7.2:{port}");
@@ -260,15 +246,7 @@ fn firewall_lets_only_tor_out_to_relay_ports() -> Result<()> {
         listeners.push(KillOnDrop(child));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let connect = |uid: u32, port: &str| -> Result<bool> {
-        let uid = uid.to_string();
-        let out = app
-            .cmd(&["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups", "busybox", "nc", "-w", "2"])
-            .args(["10.199.7.2", port])
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(out.status.success())
-    };
+    let connect = |uid: u32, port: &str| connects_as(&app, uid, uid, "10.199.7.2", port);
     ensure!(connect(TOR_UID, "443")?, "the tor uid could not reach an allowed port");
     ensure!(!connect(NOBODY, "443")?, "uid {NOBODY} reached the peer");
     ensure!(!connect(TOR_UID, "8080")?, "the tor uid reached a forbidden port");
@@ -356,6 +334,28 @@ table netdev cloister {
     }
 }
 "#;
+
+/// Whether a TCP connection from `ns` as `uid`/`gid` (no other groups) to `host`:`port` opens.
+fn connects_as(ns: &TestNetns, uid: u32, gid: u32, host: &str, port: &str) -> Result<bool> {
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    let out = ns
+        .cmd(&["setpriv", "--reuid", &uid, "--regid", &gid, "--clear-groups", "busybox", "nc", "-w", "2"])
+        .args([host, port])
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(out.status.success())
+}
+
+/// Addresses a veth pair and brings it up: `app`'s end is 10.199.`net`.1/24 and
+/// fd00:199:`net`::1/64, `peer`'s end .2 and ::2 (no duplicate address detection to wait for).
+fn address_pair(app: &TestNetns, va: &str, peer: &TestNetns, vp: &str, net: u8) -> Result<()> {
+    for (ns, dev, host) in [(app, va, 1), (peer, vp, 2)] {
+        ns.exec(&["ip", "addr", "add", &format!("10.199.{net}.{host}/24"), "dev", dev])?;
+        ns.exec(&["ip", "-6", "addr", "add", &format!("fd00:199:{net}::{host}/64"), "dev", dev, "nodad"])?;
+        ns.exec(&["ip", "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
 
 /// A veth name unique to this process and `tag` (at most 15 bytes).
 fn veth(tag: &str) -> String {
@@ -458,27 +458,14 @@ fn egress_drops_raw_frames_the_inet_table_never_sees() -> Result<()> {
         &va,
     ])?);
     ensure!(said.starts_with("firewall: applied and verified"), "{said}");
-    app.exec(&["ip", "addr", "add", "10.199.8.1/24", "dev", &va])?;
-    app.exec(&["ip", "-6", "addr", "add", "fd00:199:8::1/64", "dev", &va, "nodad"])?;
-    app.exec(&["ip", "link", "set", &va, "up"])?;
-    peer.exec(&["ip", "addr", "add", "10.199.8.2/24", "dev", &vp])?;
-    peer.exec(&["ip", "-6", "addr", "add", "fd00:199:8::2/64", "dev", &vp, "nodad"])?;
-    peer.exec(&["ip", "link", "set", &vp, "up"])?;
+    address_pair(&app, &va, &peer, &vp, 8)?;
     let link = app.json(&["ip", "-j", "link", "show", "dev", &va])?;
     let va_mac = mac_of(&link)?;
     let ifindex = link[0]["ifindex"].as_u64().context("no ifindex")? as usize;
     let listener = KillOnDrop(peer.cmd(&[PROBE, "listen", "10.199.8.2:443"]).stdout(Stdio::null()).spawn()?);
     std::thread::sleep(Duration::from_millis(300));
     // Through both tables, an ordinary socket: tor's uid reaches a relay port, nobody does not.
-    let connect = |uid: u32| -> Result<bool> {
-        let uid = uid.to_string();
-        let out = app
-            .cmd(&["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups", "busybox", "nc", "-w", "2"])
-            .args(["10.199.8.2", "443"])
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(out.status.success())
-    };
+    let connect = |uid: u32| connects_as(&app, uid, uid, "10.199.8.2", "443");
     ensure!(connect(TOR_UID)?, "the tor uid could not reach an allowed port through both tables");
     ensure!(!connect(NOBODY)?, "uid {NOBODY} reached the peer");
     drop(listener);
