@@ -10,7 +10,7 @@
 //! uplink must stay down: not one frame from the appliance, not even DHCP.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -32,20 +32,8 @@ const QUIET_AFTER_LEASE: Duration = Duration::from_secs(10);
 #[test]
 fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<()> {
     let Some(e2e) = E2e::from_env("vm-network") else { return Ok(()) };
-    let dir = e2e.scratch("vm-network")?;
-    let disk = dir.join("disk.img");
-    sparse_copy(&e2e.image, &disk)?;
-    let ns = TestNetns::new(format!("cloister-vmnet-{}", std::process::id()))?;
-    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ns.exec(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", TAP])?;
-    ns.exec(&["ip", "link", "set", TAP, "up"])?;
-    let _udhcpd = start_udhcpd(&ns, &dir)?;
-    let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
-    let capture = Capture::start(&ns.name)?;
-    let mac = QEMU_MAC.map(|b| format!("{b:02x}")).join(":");
-    let network = Network::Tap { netns: ns.name.clone(), tap: TAP.into(), mac: Some(mac) };
-    let config = VmConfig { cpus: 1, network, ..VmConfig::new(&disk, Firmware::find()?, &dir) };
-    let vm = Vm::start(config)?;
+    let rig = boot_on_tap(&e2e, &e2e.image, "vm-network", "vmnet")?;
+    let vm = &rig.vm;
     let lease = timed("unlock, then a DHCP lease", || {
         vm.wait_for(marker::PASSPHRASE_PROMPT, TO_UNLOCK)?;
         vm.type_line(&e2e.passphrase()?)?;
@@ -79,20 +67,56 @@ fn appliance_takes_a_lease_with_a_random_mac_and_sends_nothing_else() -> Result<
         at("step uplink-firewall: ok") < at("step network: ok"),
         "the uplink came up before its firewall"
     );
-    let frames = capture.finish()?;
-    let summary = judge(&frames, tap_mac)?;
+    let frames = rig.capture.finish()?;
+    let summary = judge(&frames, &from_appliance(&frames, rig.tap_mac))?;
     std::fs::write(e2e.work.join("vm-network-capture.txt"), &summary)?;
     eprint!("{summary}");
-    drop(vm);
-    std::fs::remove_dir_all(dir)?;
+    drop(rig.vm);
+    std::fs::remove_dir_all(&rig.dir)?;
     Ok(())
+}
+
+/// The appliance booted from a copy of an image, its NIC on a tap in a network namespace of
+/// its own where udhcpd serves leases and a capture runs. Fields drop in this order: the VM
+/// before the capture, udhcpd and the namespace.
+struct OnTap {
+    vm: Vm,
+    capture: Capture,
+    tap_mac: [u8; 6],
+    _udhcpd: KillOnDrop,
+    _ns: TestNetns,
+    dir: PathBuf,
+}
+
+/// Boots `image` (copied into the scratch directory `scratch`) with QEMU's fixed MAC on the
+/// NIC, in the namespace `cloister-<ns_tag>-<pid>`.
+fn boot_on_tap(e2e: &E2e, image: &Path, scratch: &str, ns_tag: &str) -> Result<OnTap> {
+    let dir = e2e.scratch(scratch)?;
+    let disk = dir.join("disk.img");
+    sparse_copy(image, &disk)?;
+    let ns = TestNetns::new(format!("cloister-{ns_tag}-{}", std::process::id()))?;
+    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+    ns.exec(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", TAP])?;
+    ns.exec(&["ip", "link", "set", TAP, "up"])?;
+    let udhcpd = start_udhcpd(&ns, &dir)?;
+    let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
+    let capture = Capture::start(&ns.name)?;
+    let mac = QEMU_MAC.map(|b| format!("{b:02x}")).join(":");
+    let network = Network::Tap { netns: ns.name.clone(), tap: TAP.into(), mac: Some(mac) };
+    let config = VmConfig { cpus: 1, network, ..VmConfig::new(&disk, Firmware::find()?, &dir) };
+    let vm = Vm::start(config)?;
+    Ok(OnTap { vm, capture, tap_mac, _udhcpd: udhcpd, _ns: ns, dir })
+}
+
+/// The captured frames the appliance sent: not the tap's own (udhcpd's replies), nor
+/// loopback's all-zero source.
+fn from_appliance(frames: &[Frame], tap_mac: [u8; 6]) -> Vec<&Frame> {
+    frames.iter().filter(|f| f.src != tap_mac && f.src != [0; 6]).collect()
 }
 
 /// Every frame the appliance sent must be ARP or DHCP (UDP 68 -> 67), from one randomised,
 /// locally administered unicast MAC; returns a summary of the capture.
-fn judge(frames: &[Frame], tap_mac: [u8; 6]) -> Result<String> {
-    // Not the tap's own frames (udhcpd's replies), nor loopback's all-zero source.
-    let ours: Vec<&Frame> = frames.iter().filter(|f| f.src != tap_mac && f.src != [0; 6]).collect();
+fn judge(frames: &[Frame], ours: &[&Frame]) -> Result<String> {
     let mut summary =
         format!("{} frames captured on the tap, {} from the appliance\n", frames.len(), ours.len());
     let macs: std::collections::BTreeSet<[u8; 6]> = ours.iter().map(|f| f.src).collect();
@@ -104,7 +128,7 @@ fn judge(frames: &[Frame], tap_mac: [u8; 6]) -> Result<String> {
     ensure!(mac != QEMU_MAC, "the MAC was not randomised");
     ensure!(mac[0] & 0x02 == 0x02 && mac[0] & 0x01 == 0, "MAC {mac:02x?} is not local unicast");
     let mut dhcp = 0;
-    for f in &ours {
+    for f in ours {
         let kind = classify(f);
         let _ = writeln!(summary, "{:>6} ms  {kind}", f.at.as_millis());
         ensure!(kind == "arp" || kind == "dhcp" || kind == TOR_TO_TEST_RELAY, "the appliance sent {kind}");
@@ -126,21 +150,9 @@ fn firewall_check_failure_holds_every_service_and_the_uplink() -> Result<()> {
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest_path(&image))?)?;
     let flags = manifest["build"]["flags"].to_string();
     ensure!(flags.contains("firewall check fails on purpose"), "the manifest does not say so: {flags}");
-    let dir = e2e.scratch("vm-fail-closed")?;
-    let disk = dir.join("disk.img");
-    sparse_copy(&image, &disk)?;
-    let ns = TestNetns::new(format!("cloister-vmfc-{}", std::process::id()))?;
-    ns.exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ns.exec(&["ip", "addr", "add", &format!("{GATEWAY}/24"), "dev", TAP])?;
-    ns.exec(&["ip", "link", "set", TAP, "up"])?;
-    // A server that would answer: had the appliance asked for a lease, the capture shows it.
-    let _udhcpd = start_udhcpd(&ns, &dir)?;
-    let tap_mac = mac_of(&ns.json(&["ip", "-j", "link", "show", "dev", TAP])?)?;
-    let capture = Capture::start(&ns.name)?;
-    let mac = QEMU_MAC.map(|b| format!("{b:02x}")).join(":");
-    let network = Network::Tap { netns: ns.name.clone(), tap: TAP.into(), mac: Some(mac) };
-    let config = VmConfig { cpus: 1, network, ..VmConfig::new(&disk, Firmware::find()?, &dir) };
-    let vm = Vm::start(config)?;
+    // Its udhcpd would answer: had the appliance asked for a lease, the capture shows it.
+    let rig = boot_on_tap(&e2e, &image, "vm-fail-closed", "vmfc")?;
+    let vm = &rig.vm;
     let (failed, held) = timed("unlock, then the firewall step fails", || {
         vm.wait_for(marker::PASSPHRASE_PROMPT, TO_UNLOCK)?;
         vm.type_line(&e2e.passphrase()?)?;
@@ -176,9 +188,8 @@ fn firewall_check_failure_holds_every_service_and_the_uplink() -> Result<()> {
     ] {
         ensure!(!console.contains(never), "the console shows {never:?} in a fail-closed boot");
     }
-    let frames = capture.finish()?;
-    let ours: Vec<&cloister_tests::capture::Frame> =
-        frames.iter().filter(|f| f.src != tap_mac && f.src != [0; 6]).collect();
+    let frames = rig.capture.finish()?;
+    let ours = from_appliance(&frames, rig.tap_mac);
     let summary: Vec<String> =
         ours.iter().map(|f| format!("{} ms {}", f.at.as_millis(), classify(f))).collect();
     ensure!(
@@ -187,8 +198,8 @@ fn firewall_check_failure_holds_every_service_and_the_uplink() -> Result<()> {
         ours.len()
     );
     eprintln!("fail-closed: {} frames on the tap, none from the appliance", frames.len());
-    drop(vm);
-    std::fs::remove_dir_all(dir)?;
+    drop(rig.vm);
+    std::fs::remove_dir_all(&rig.dir)?;
     Ok(())
 }
 
