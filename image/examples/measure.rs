@@ -1,12 +1,13 @@
-//! Times the root-partition phases (protofile + mkfs.xfs, in-place LUKS2 encryption with a weak
-//! KDF, and the encryption's data pass alone) on a file of the size given in MiB (default 900),
+//! Times the root-partition phases (protofile + mkfs.xfs, LUKS2 encryption into a partition file
+//! with a weak KDF, and the encryption's data pass alone) for a partition of the size given in
+//! MiB (default 900),
 //! in the directory given (default a temp dir under /var/tmp).
 //! `cargo run --release -p cloister-image --example measure -- 900 DIR`.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use cloister_image::{encrypt_in_place, mkfs_xfs, write_protofile, KdfParams, LUKS_RESERVE_BYTES};
+use cloister_image::{encrypt, mkfs_xfs, write_protofile, KdfParams, Partition, LUKS_RESERVE_BYTES};
 use cloister_rootfs::tree::{Node, Tree};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,12 +20,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tree = Tree::new(dir.join("staging"))?;
     tree.write_file("etc/hostname", b"cloister\n", Node::file(0o644))?;
     let bytes = mib * 1024 * 1024;
-    let img = dir.join("root.img");
-    std::fs::File::create(&img)?.set_len(bytes)?;
+    let plain = dir.join("root.xfs");
+    std::fs::File::create(&plain)?.set_len(bytes - LUKS_RESERVE_BYTES)?;
+    let img = dir.join("root.part");
+    let out = std::fs::File::create(&img)?;
+    out.set_len(bytes)?;
 
     let t = Instant::now();
     write_protofile(&tree, &dir.join("proto"))?;
-    mkfs_xfs(&dir.join("proto"), &img, bytes - LUKS_RESERVE_BYTES, "root", None)?;
+    mkfs_xfs(&dir.join("proto"), &plain, bytes - LUKS_RESERVE_BYTES, "root", None)?;
     let mkfs = t.elapsed().as_secs_f64();
 
     let kdf = KdfParams { memory_kib: 32 * 1024, time_ms: 100, iterations: Some(4), parallel: 1 };
@@ -35,7 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         span = Some((span.map_or(now, |(first, _)| first), now));
     };
     let t = Instant::now();
-    encrypt_in_place(&img, b"measure", &kdf, Some(&mut report))?;
+    let partition = Partition { file: &out, path: &img, offset: 0, bytes };
+    encrypt(&plain, partition, b"measure", &kdf, Some(&mut report))?;
     let luks = t.elapsed().as_secs_f64();
     let pass = span.map_or(0.0, |(first, last)| (last - first).as_secs_f64());
     let data_mb = (bytes - LUKS_RESERVE_BYTES) as f64 / 1e6;

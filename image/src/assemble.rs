@@ -1,9 +1,10 @@
-//! The last phase: one image file from the layout, the ESP contents and the encrypted root
-//! partition. Written under a temporary name in the output directory and renamed into place
-//! only when complete and synced, so an output path never holds a partial image.
+//! The last phase: one image file from the layout, the ESP contents and the root partition.
+//! Written under a temporary name in the output directory and renamed into place only when
+//! complete and synced, so an output path never holds a partial image.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -11,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::esp::{write_esp, EspError};
 use crate::gpt::{write_gpt, GptWriteError};
 use crate::layout::Layout;
+use crate::luks::Partition;
 
 const CHUNK: usize = 1024 * 1024;
 
@@ -19,6 +21,9 @@ pub struct ImageSummary {
     pub path: PathBuf,
     pub bytes: u64,
     pub sha256: String,
+    /// The block map beside the image: `cargo xtask flash` and `bmaptool copy` write only its
+    /// data ranges and check each one's SHA256.
+    pub bmap: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,107 +32,99 @@ pub enum AssembleError {
     Create { path: PathBuf, source: io::Error },
     #[error("write image {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
-    #[error("read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("root file {path} is {size} bytes, the root partition only {partition}")]
-    RootTooLarge { path: PathBuf, size: u64, partition: u64 },
     #[error(transparent)]
     Gpt(#[from] GptWriteError),
     #[error("esp of {path}: {source}")]
     Esp { path: PathBuf, source: EspError },
+    #[error(transparent)]
+    Bmap(#[from] cloister_bmap::BmapError),
 }
 
-/// Writes the image to `out` (and `<out>.sha256`). `progress` gets (bytes done, bytes total)
-/// while the root partition is copied.
-pub fn assemble(
-    out: &Path,
-    layout: &Layout,
-    esp_files: &[(&str, &Path)],
-    root_file: &Path,
-    progress: Option<&mut dyn FnMut(u64, u64)>,
-) -> Result<ImageSummary, AssembleError> {
-    let tmp = TempOut::new(out);
-    let write_err = |source| AssembleError::Write { path: out.into(), source };
-    let mut image = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp.0)
-        .map_err(|source| AssembleError::Create { path: out.into(), source })?;
-    // Holes stay holes: only GPT, ESP and non-zero root chunks are written.
-    image.set_len(layout.disk_bytes).map_err(write_err)?;
-    write_gpt(&mut image, out, layout)?;
-    write_esp(&tmp.0, layout.esp.offset_bytes(), layout.esp.size_bytes(), esp_files)
-        .map_err(|source| AssembleError::Esp { path: out.into(), source })?;
-    copy_root(&mut image, out, layout, root_file, progress)?;
-    image.sync_all().map_err(write_err)?;
-    let sha256 = hash(&mut image).map_err(write_err)?;
-    drop(image);
-    tmp.commit(out)?;
-    write_checksum(out, &sha256)?;
-    Ok(ImageSummary { path: out.into(), bytes: layout.disk_bytes, sha256 })
+/// An image being written: the GPT and the ESP are in place, the root partition is the caller's
+/// to fill (see [`crate::luks::encrypt`]) before [`ImageWriter::finish`]. Dropped unfinished, it
+/// leaves nothing behind.
+pub struct ImageWriter {
+    tmp: TempOut,
+    file: File,
+    out: PathBuf,
+    bytes: u64,
+    root: (u64, u64),
 }
 
-fn copy_root(
-    image: &mut File,
-    out: &Path,
-    layout: &Layout,
-    root_file: &Path,
-    mut progress: Option<&mut dyn FnMut(u64, u64)>,
-) -> Result<(), AssembleError> {
-    let read_err = |source| AssembleError::Read { path: root_file.into(), source };
-    let write_err = |source| AssembleError::Write { path: out.into(), source };
-    let mut root = File::open(root_file).map_err(read_err)?;
-    let total = root.metadata().map_err(read_err)?.len();
-    let partition = layout.root.size_bytes();
-    if total > partition {
-        return Err(AssembleError::RootTooLarge { path: root_file.into(), size: total, partition });
+impl ImageWriter {
+    /// Creates `<out>.tmp-<pid>` of the layout's size (sparse: holes stay holes) and writes the
+    /// partition table and the ESP with `esp_files` into it.
+    pub fn create(out: &Path, layout: &Layout, esp_files: &[(&str, &Path)]) -> Result<Self, AssembleError> {
+        let tmp = TempOut::new(out);
+        let write_err = |source| AssembleError::Write { path: out.into(), source };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp.0)
+            .map_err(|source| AssembleError::Create { path: out.into(), source })?;
+        file.set_len(layout.disk_bytes).map_err(write_err)?;
+        write_gpt(&mut file, out, layout)?;
+        write_esp(&tmp.0, layout.esp.offset_bytes(), layout.esp.size_bytes(), esp_files)
+            .map_err(|source| AssembleError::Esp { path: out.into(), source })?;
+        let root = (layout.root.offset_bytes(), layout.root.size_bytes());
+        Ok(Self { tmp, file, out: out.into(), bytes: layout.disk_bytes, root })
     }
-    image.seek(SeekFrom::Start(layout.root.offset_bytes())).map_err(write_err)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < total {
-        let n = fill(&mut root, &mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().all(|&b| b == 0) {
-            image.seek(SeekFrom::Current(n as i64)).map_err(write_err)?;
-        } else {
-            image.write_all(&buf[..n]).map_err(write_err)?;
-        }
-        done += n as u64;
-        if let Some(p) = progress.as_mut() {
-            p(done, total);
-        }
+
+    /// The root partition's place in the image.
+    pub fn root_partition(&self) -> Partition<'_> {
+        Partition { file: &self.file, path: &self.out, offset: self.root.0, bytes: self.root.1 }
     }
-    Ok(())
+
+    /// Syncs, hashes, renames onto the output path and writes `<out>.sha256` and the block map
+    /// `<out>.bmap` beside it. The sync and the two hashing passes (the whole image; each data
+    /// range for the map) run side by side: each alone takes about as long as the others.
+    pub fn finish(self) -> Result<ImageSummary, AssembleError> {
+        let write_err = |source| AssembleError::Write { path: self.out.clone(), source };
+        let (synced, sha256, bmap) = std::thread::scope(|s| {
+            let synced = s.spawn(|| self.file.sync_all());
+            let sha256 = s.spawn(|| hash(&self.file));
+            let bmap = cloister_bmap::map_image(&self.file);
+            (join(synced), join(sha256), bmap)
+        });
+        synced.map_err(write_err)?;
+        let sha256 = sha256.map_err(write_err)?;
+        let bmap = bmap.map_err(write_err)?;
+        let Self { tmp, file, out, bytes, .. } = self;
+        drop(file);
+        tmp.commit(&out)?;
+        write_checksum(&out, &sha256)?;
+        let bmap_path = sibling(&out, ".bmap");
+        cloister_bmap::save_bmap(&bmap, &bmap_path)?;
+        Ok(ImageSummary { path: out, bytes, sha256, bmap: bmap_path })
+    }
 }
 
-/// Reads until `buf` is full or the input ends.
-fn fill(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
-fn hash(image: &mut File) -> io::Result<String> {
-    image.seek(SeekFrom::Start(0))?;
+/// `<out><suffix>` in the same directory.
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    out.with_file_name(name)
+}
+
+fn hash(image: &File) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
     loop {
-        let n = fill(image, &mut buf)?;
+        let n = match image.read_at(&mut buf, at) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        at += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
 }

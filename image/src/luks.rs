@@ -1,9 +1,9 @@
-//! Offline LUKS2 encryption of a plain file that already holds the root XFS, in userspace (no
-//! device-mapper, no AF_ALG, no root). The header takes the first 16 MiB and the data shifts by
-//! that much, so the file's last 16 MiB must be free on entry (make the XFS
-//! [`LUKS_RESERVE_BYTES`] smaller than the file): the XFS then fills the data segment exactly,
-//! and the first boot has nothing to grow on a disk of the image's size. The data pass is ours (AES-256-XTS through OpenSSL's EVP, the same
-//! libcrypto libcryptsetup uses here, with dm-crypt's plain64 IVs); the header and keyslot are
+//! Offline LUKS2 encryption of a plain file holding the root XFS into a partition of the image
+//! being written, in userspace (no device-mapper, no AF_ALG, no root). The header takes the
+//! partition's first 16 MiB; make the XFS [`LUKS_RESERVE_BYTES`] smaller than the partition and
+//! it fills the data segment exactly, so the first boot has nothing to grow on a disk of the
+//! image's size. The data pass is ours (AES-256-XTS through OpenSSL's EVP, the same libcrypto
+//! libcryptsetup uses here, with dm-crypt's plain64 IVs); the header and keyslot are
 //! libcryptsetup's.
 
 use std::fs::{File, OpenOptions};
@@ -11,6 +11,8 @@ use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
 
 use libcryptsetup_rs::consts::flags::{CryptPbkdf, CryptVolumeKey};
 use libcryptsetup_rs::consts::vals::{CryptKdf, EncryptionFormat};
@@ -24,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-/// Free space the caller leaves at the end of the file: the size of the LUKS2 header.
+/// How much smaller than its partition a filesystem must be: the size of the LUKS2 header.
 pub const LUKS_RESERVE_BYTES: u64 = HEADER_BYTES;
 const HEADER_BYTES: u64 = 16 * 1024 * 1024;
 const SECTOR_BYTES: u32 = 4096;
@@ -32,13 +34,14 @@ const SECTOR: usize = SECTOR_BYTES as usize;
 const CIPHER: (&str, &str) = ("aes", "xts-plain64");
 const KEY_BYTES: usize = 64;
 const KEYSLOT: u32 = 0;
-/// The most one thread reads, encrypts and writes at a time. Two of them make a round, which
-/// must not exceed the shift (see [`rounds`]).
+/// What a worker takes from the shared counter at a time, and the unit of progress.
 const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 const THREADS: usize = 2;
 /// What a thread reads, encrypts and writes in one go within its chunk: small enough to stay in
 /// the CPU cache between the copy in, the cipher and the copy out. Measured on tmpfs here:
 /// 64 KiB pieces read 4-5 times faster than 128 KiB or more.
+/// Two workers on two cores: the writes into one file serialize on its inode lock, so a third
+/// only waited (2-3 threads measured alike, 4 slower).
 const PIECE_BYTES: u64 = 64 * 1024;
 
 /// Argon2id cost. `iterations: Some(n)` pins the cost (no benchmark: reproducible, and cheap in
@@ -76,47 +79,80 @@ pub struct LuksInfo {
 pub enum LuksError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: size {size} must be a multiple of 4096 and larger than the 32 MiB reserve")]
+    #[error(
+        "{path}: a partition of {size} bytes must be a multiple of 4096 and larger than the 16 MiB header"
+    )]
     BadSize { path: PathBuf, size: u64 },
+    #[error("{path}: {size} bytes do not fit the {room}-byte data segment (or are not a multiple of 4096)")]
+    PlainTooLarge { path: PathBuf, size: u64, room: u64 },
     #[error("aes-xts on {path}: {source}")]
     Cipher { path: PathBuf, source: ErrorStack },
     #[error("luks {step} on {path}: {source}")]
     Crypt { step: &'static str, path: PathBuf, source: LibcryptErr },
 }
 
-/// Encrypts `image` in place with one keyslot (slot 0) for `passphrase`; `progress` gets
-/// (bytes done, bytes total) while the data is rewritten.
+/// Where a LUKS2 partition is written: `bytes` of `file` from `offset` (`path` names the file in
+/// messages). The data segment is `bytes` minus the 16 MiB header.
+#[derive(Clone, Copy)]
+pub struct Partition<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// Writes `into` as a LUKS2 partition whose data segment holds the filesystem image `plain`
+/// encrypted, with one keyslot (slot 0) for `passphrase`. `plain` may be shorter than the data
+/// segment ([`LUKS_RESERVE_BYTES`] smaller than the partition fills it exactly); whatever it does
+/// not cover is encrypted zeros, so free space looks like the rest. `progress` gets (bytes done,
+/// bytes total) of the data segment.
 ///
-/// Not resumable: an interrupted run leaves the file half shifted, which is fine for a build
-/// intermediate that the next build makes again (cryptsetup's own datashift journal fsyncs every
-/// step to survive power loss, and that cost most of its time).
-pub fn encrypt_in_place(
-    image: &Path,
+/// Encrypting while writing the final image (instead of in place in a work file and copying that
+/// afterwards) writes the ciphertext once, and leaves the plain file sparse: its holes are
+/// never read, only zeros encrypted. The data segment is allocated first (`fallocate`), so a
+/// full disk fails here, before any work, rather than halfway through.
+pub fn encrypt(
+    plain: &Path,
+    into: Partition<'_>,
     passphrase: &[u8],
     kdf: &KdfParams,
     mut progress: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<LuksInfo, LuksError> {
-    let io_err = |source| LuksError::Io { path: image.into(), source };
-    let file = OpenOptions::new().read(true).write(true).open(image).map_err(io_err)?;
-    let size = file.metadata().map_err(io_err)?.len();
-    if !size.is_multiple_of(u64::from(SECTOR_BYTES)) || size <= LUKS_RESERVE_BYTES {
-        return Err(LuksError::BadSize { path: image.into(), size });
+    let io_err = |source| LuksError::Io { path: plain.into(), source };
+    let source = File::open(plain).map_err(io_err)?;
+    let plain_bytes = source.metadata().map_err(io_err)?.len();
+    let sector = u64::from(SECTOR_BYTES);
+    let data_bytes = into.bytes.saturating_sub(HEADER_BYTES);
+    if !into.bytes.is_multiple_of(sector) || !into.offset.is_multiple_of(sector) || data_bytes == 0 {
+        return Err(LuksError::BadSize { path: into.path.into(), size: into.bytes });
+    }
+    if !plain_bytes.is_multiple_of(sector) || plain_bytes > data_bytes {
+        return Err(LuksError::PlainTooLarge { path: plain.into(), size: plain_bytes, room: data_bytes });
     }
     let key = volume_key()?;
+    let header = header_bytes(plain, into.bytes, &key, passphrase, kdf)?;
     let mut report = |done, total| {
         if let Some(p) = progress.as_mut() {
             p(done, total);
         }
     };
-    let data_bytes = size - HEADER_BYTES;
     report(0, data_bytes);
-    shift_and_encrypt(&file, image, data_bytes, &key, &mut report)?;
-    // libcryptsetup's format wipes the header area too, but the old start of the XFS must not
-    // survive there whatever a library version decides.
-    file.write_all_at(&vec![0u8; HEADER_BYTES as usize], 0).map_err(io_err)?;
-    report(data_bytes, data_bytes);
-    drop(file);
-    write_header(image, &key, passphrase, kdf)
+    let data = Partition { offset: into.offset + HEADER_BYTES, bytes: data_bytes, ..into };
+    allocate(data)?;
+    encrypt_data(&source, plain, plain_bytes, data, &key, &mut report)?;
+    into.file
+        .write_all_at(&header.bytes, into.offset)
+        .map_err(|source| LuksError::Io { path: into.path.into(), source })?;
+    Ok(header.info)
+}
+
+/// Allocates `part` in its file (on ext4: unwritten extents, no data written), so that running
+/// out of space is an error up front. File systems without `fallocate` are written as they are.
+fn allocate(part: Partition<'_>) -> Result<(), LuksError> {
+    match rustix::fs::fallocate(part.file, rustix::fs::FallocateFlags::empty(), part.offset, part.bytes) {
+        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(LuksError::Io { path: part.path.into(), source: e.into() }),
+    }
 }
 
 /// A fresh volume key; it only ever leaves this process encrypted in the keyslot.
@@ -128,59 +164,123 @@ fn volume_key() -> Result<Zeroizing<[u8; KEY_BYTES]>, LuksError> {
     Ok(key)
 }
 
-/// The data-segment bytes `[0, data_bytes)`, read from file offset 0 and written encrypted at
-/// [`HEADER_BYTES`], from the end backwards, one round of [`THREADS`] chunks at a time.
-fn shift_and_encrypt(
-    file: &File,
-    path: &Path,
-    data_bytes: u64,
+struct Header {
+    bytes: Vec<u8>,
+    info: LuksInfo,
+}
+
+/// libcryptsetup formats files, not ranges of one: the header is made in a sparse scratch file
+/// of the partition's size next to `plain` (so the library sees the real device size) and read
+/// back. The scratch file holds no secret in clear (the keyslot is the passphrase-wrapped key)
+/// and is removed whatever happens.
+fn header_bytes(
+    plain: &Path,
+    partition_bytes: u64,
+    key: &[u8; KEY_BYTES],
+    passphrase: &[u8],
+    kdf: &KdfParams,
+) -> Result<Header, LuksError> {
+    let mut name = plain.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".luks-header-{}", std::process::id()));
+    let scratch = Scratch(plain.with_file_name(name));
+    let io_err = |source| LuksError::Io { path: scratch.0.clone(), source };
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&scratch.0).map_err(io_err)?;
+    file.set_len(partition_bytes).map_err(io_err)?;
+    let info = write_header(&scratch.0, key, passphrase, kdf)?;
+    let mut bytes = vec![0u8; HEADER_BYTES as usize];
+    file.read_exact_at(&mut bytes, 0).map_err(io_err)?;
+    Ok(Header { bytes, info })
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The data segment, in [`CHUNK_BYTES`] chunks that [`THREADS`] workers take in turn from a
+/// shared counter (a worker that is slowed down takes fewer); each reports what it finished to
+/// this thread, which calls `report`. The first error stops the others at their next chunk.
+fn encrypt_data(
+    source: &File,
+    plain: &Path,
+    plain_bytes: u64,
+    out: Partition<'_>,
     key: &[u8; KEY_BYTES],
     report: &mut dyn FnMut(u64, u64),
 ) -> Result<(), LuksError> {
-    let mut workers = (0..THREADS).map(|_| Worker::new(key, path)).collect::<Result<Vec<_>, _>>()?;
-    for round in rounds(data_bytes) {
-        // Leaving the scope joins both threads: that join is the barrier between rounds.
-        let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = workers
-                .iter_mut()
-                .zip(round.clone())
-                .map(|(worker, chunk)| s.spawn(move || worker.run(file, path, chunk)))
-                .collect();
-            handles.into_iter().map(|h| h.join()).collect()
-        });
-        for result in results {
-            result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    let mut workers = (0..THREADS).map(|_| Worker::new(key, plain)).collect::<Result<Vec<_>, _>>()?;
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<u64>();
+    let input = Input { file: source, path: plain, bytes: plain_bytes };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .map(|worker| {
+                let (next, failed, done_tx) = (&next, &failed, done_tx.clone());
+                s.spawn(move || {
+                    let result = worker.run_chunks(&input, out, next, failed, &done_tx);
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        drop(done_tx);
+        let mut done = 0;
+        for bytes in done_rx {
+            done += bytes;
+            report(done, out.bytes);
         }
-        report(data_bytes - round[THREADS - 1].start, data_bytes);
-    }
-    Ok(())
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })
 }
 
-/// The chunks of `[0, data_bytes)`, highest first, in rounds of [`THREADS`] adjacent chunks of
-/// at most [`CHUNK_BYTES`] each, all 4096-aligned (a chunk may be empty in the last round).
-///
-/// Why no plaintext is overwritten before it is read: a chunk `[a, b)` is read at `[a, b)` and
-/// written at `[a + H, b + H)`, H = [`HEADER_BYTES`] = 16 MiB. A round spans one window
-/// `[lo, hi)` with `hi - lo <= THREADS * CHUNK_BYTES = 16 MiB = H`, so all of its writes land in
-/// `[lo + H, hi + H)`, at or above `hi`: never on bytes this round reads (all below `hi`), nor on
-/// bytes later rounds read (all below `lo`). They do land on what earlier rounds read, which is
-/// why a round starts only once the previous one has finished (the barrier). The top round writes
-/// up to `data_bytes + H`, the end of the file. The argument is about the window, so the order in
-/// which the threads work through their chunks (in [`PIECE_BYTES`] pieces) does not matter.
-fn rounds(data_bytes: u64) -> impl Iterator<Item = [Range<u64>; THREADS]> {
-    let window = THREADS as u64 * CHUNK_BYTES;
-    const _: () = assert!(THREADS as u64 * CHUNK_BYTES <= HEADER_BYTES);
-    let mut hi = data_bytes;
-    std::iter::from_fn(move || {
-        if hi == 0 {
-            return None;
+/// The plain filesystem image, read with `pread(2)` where it has data.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    file: &'a File,
+    path: &'a Path,
+    bytes: u64,
+}
+
+impl Input<'_> {
+    /// The first byte at or after `from` that may hold data: holes (and everything past the end)
+    /// read as zeros, so only this far is known zero without reading.
+    fn next_data(&self, from: u64) -> Result<u64, LuksError> {
+        if from >= self.bytes {
+            return Ok(u64::MAX);
         }
-        let lo = hi.saturating_sub(window);
-        let mid = lo + (hi - lo) / 2 / u64::from(SECTOR_BYTES) * u64::from(SECTOR_BYTES);
-        let round = [mid..hi, lo..mid];
-        hi = lo;
-        Some(round)
-    })
+        match rustix::fs::seek(self.file, rustix::fs::SeekFrom::Data(from)) {
+            Ok(at) => Ok(at),
+            // No data after `from`.
+            Err(rustix::io::Errno::NXIO) => Ok(u64::MAX),
+            // A file system without SEEK_DATA: everything may be data.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => Ok(from),
+            Err(e) => Err(LuksError::Io { path: self.path.into(), source: e.into() }),
+        }
+    }
+
+    /// `buf` gets the plaintext at `offset`: read where the file may have data, zeros elsewhere.
+    fn fill(&self, buf: &mut [u8], offset: u64, next_data: u64) -> Result<(), LuksError> {
+        let end = offset + buf.len() as u64;
+        if next_data >= end {
+            buf.fill(0);
+            return Ok(());
+        }
+        let readable = (self.bytes.min(end) - offset) as usize;
+        self.file
+            .read_exact_at(&mut buf[..readable], offset)
+            .map_err(|source| LuksError::Io { path: self.path.into(), source })?;
+        buf[readable..].fill(0);
+        Ok(())
+    }
 }
 
 /// One thread's cipher context (keyed once, re-initialised with a new IV per sector) and buffer.
@@ -197,19 +297,46 @@ impl Worker {
         Ok(Self { ctx, buf: Zeroizing::new(vec![0u8; PIECE_BYTES as usize]) })
     }
 
-    fn run(&mut self, file: &File, path: &Path, chunk: Range<u64>) -> Result<(), LuksError> {
-        let io_err = |source| LuksError::Io { path: path.into(), source };
-        let mut hi = chunk.end;
-        while hi > chunk.start {
-            let lo = hi.saturating_sub(PIECE_BYTES).max(chunk.start);
-            let buf = &mut self.buf[..(hi - lo) as usize];
-            file.read_exact_at(buf, lo).map_err(io_err)?;
-            for (offset, sector) in (lo..).step_by(SECTOR).zip(buf.chunks_exact_mut(SECTOR)) {
-                encrypt_sector(&mut self.ctx, offset, sector)
-                    .map_err(|source| LuksError::Cipher { path: path.into(), source })?;
+    fn run_chunks(
+        &mut self,
+        input: &Input<'_>,
+        out: Partition<'_>,
+        next: &AtomicU64,
+        failed: &AtomicBool,
+        done: &Sender<u64>,
+    ) -> Result<(), LuksError> {
+        while !failed.load(Ordering::Relaxed) {
+            let start = next.fetch_add(CHUNK_BYTES, Ordering::Relaxed);
+            if start >= out.bytes {
+                break;
             }
-            file.write_all_at(buf, lo + HEADER_BYTES).map_err(io_err)?;
-            hi = lo;
+            let chunk = start..(start + CHUNK_BYTES).min(out.bytes);
+            let len = chunk.end - chunk.start;
+            self.run(input, out, chunk)?;
+            // The receiver only goes away once every worker has ended.
+            let _ = done.send(len);
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, input: &Input<'_>, out: Partition<'_>, chunk: Range<u64>) -> Result<(), LuksError> {
+        let cipher_err = |source| LuksError::Cipher { path: input.path.into(), source };
+        let mut data_at = input.next_data(chunk.start)?;
+        let mut lo = chunk.start;
+        while lo < chunk.end {
+            let hi = (lo + PIECE_BYTES).min(chunk.end);
+            let buf = &mut self.buf[..(hi - lo) as usize];
+            input.fill(buf, lo, data_at)?;
+            for (offset, sector) in (lo..).step_by(SECTOR).zip(buf.chunks_exact_mut(SECTOR)) {
+                encrypt_sector(&mut self.ctx, offset, sector).map_err(cipher_err)?;
+            }
+            out.file
+                .write_all_at(buf, out.offset + lo)
+                .map_err(|source| LuksError::Io { path: out.path.into(), source })?;
+            lo = hi;
+            if data_at < lo {
+                data_at = input.next_data(lo)?;
+            }
         }
         Ok(())
     }
@@ -321,38 +448,36 @@ mod tests {
     const PASS: &[u8] = b"correct horse battery staple";
     const KDF: KdfParams =
         KdfParams { memory_kib: 32 * 1024, time_ms: 100, iterations: Some(4), parallel: 1 };
-    /// Not a multiple of the 16 MiB round: the last round is 12 KiB, split 8 KiB / 4 KiB.
-    const FILE_BYTES: u64 = 48 * MIB + 12 * 1024;
+    /// Not a multiple of the 8 MiB chunk: the last chunk is 12 KiB.
+    const PART_BYTES: u64 = 48 * MIB + 12 * 1024;
+    const DATA_BYTES: u64 = PART_BYTES - HEADER_BYTES;
+    /// A hole in the plain file (never written: it reads as zeros without being stored), and
+    /// the plain file ending 1 MiB before the data segment does.
+    const HOLE: Range<u64> = 9 * MIB..13 * MIB;
+    const PLAIN_BYTES: u64 = DATA_BYTES - MIB;
 
-    #[test]
-    fn rounds_cover_the_data_downwards_and_never_write_over_unread_bytes() {
-        for data in [4096, 12 * 1024, 16 * MIB, 16 * MIB + 4096, 100 * MIB + 36 * 1024] {
-            let mut next_hi = data;
-            for round in rounds(data) {
-                let (lo, hi) = (round[THREADS - 1].start, round[0].end);
-                assert_eq!(hi, next_hi, "rounds are contiguous, highest first");
-                assert_eq!(round[0].start, round[1].end, "the chunks of a round are adjacent");
-                for chunk in &round {
-                    assert!(chunk.end - chunk.start <= CHUNK_BYTES, "{chunk:?}");
-                    assert!(chunk.start.is_multiple_of(4096) && chunk.end.is_multiple_of(4096), "{chunk:?}");
-                }
-                assert!(lo + HEADER_BYTES >= hi, "round {lo}..{hi} writes over bytes it reads");
-                next_hi = lo;
-            }
-            assert_eq!(next_hi, 0, "rounds reach offset 0 for {data}");
-        }
-    }
-
-    /// Sector-distinct content over the XFS's place, the free 16 MiB reserve left zero.
+    /// Sector-distinct content, zeros in [`HOLE`]; as long as the data segment, the last MiB zero.
     fn plaintext() -> Vec<u8> {
-        let mut plain = vec![0u8; FILE_BYTES as usize];
-        let used = (FILE_BYTES - LUKS_RESERVE_BYTES) as usize;
-        for (i, sector) in plain[..used].chunks_exact_mut(SECTOR).enumerate() {
+        let mut plain = vec![0u8; DATA_BYTES as usize];
+        for (i, sector) in plain[..PLAIN_BYTES as usize].chunks_exact_mut(SECTOR).enumerate() {
+            if HOLE.contains(&(i as u64 * u64::from(SECTOR_BYTES))) {
+                continue;
+            }
             for (j, word) in sector.chunks_exact_mut(8).enumerate() {
                 word.copy_from_slice(&((i as u64) << 20 | j as u64 | 1 << 63).to_le_bytes());
             }
         }
         plain
+    }
+
+    /// `plain` up to [`PLAIN_BYTES`] as a sparse file: the hole is left unwritten.
+    fn write_sparse(path: &Path, plain: &[u8]) {
+        let file = File::create(path).unwrap();
+        file.set_len(PLAIN_BYTES).unwrap();
+        file.write_all_at(&plain[..HOLE.start as usize], 0).unwrap();
+        file.write_all_at(&plain[HOLE.end as usize..PLAIN_BYTES as usize], HOLE.end).unwrap();
+        let hole = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(0)).unwrap();
+        assert_eq!(hole, HOLE.start, "control: the file system keeps the hole");
     }
 
     fn run(cmd: &str, args: &[&str], stdin: &[u8]) -> Output {
@@ -373,22 +498,34 @@ mod tests {
     fn encrypts_so_that_the_cryptsetup_cli_agrees() {
         let dir = tempfile::tempdir().unwrap();
         let plain = plaintext();
-        let img = dir.path().join("root.img");
-        std::fs::write(&img, &plain).unwrap();
+        let plain_path = dir.path().join("root.xfs");
+        write_sparse(&plain_path, &plain);
+        // The partition sits 1 MiB into a larger file, as in an image; the bytes around it stay.
+        let img = dir.path().join("disk.img");
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
+        file.write_all_at(&vec![0xa5; (PART_BYTES + 2 * MIB) as usize], 0).unwrap();
+        let partition = Partition { file: &file, path: &img, offset: MIB, bytes: PART_BYTES };
         let mut last = (1, 0);
-        let info = encrypt_in_place(&img, PASS, &KDF, Some(&mut |done, total| last = (done, total))).unwrap();
-        let data = FILE_BYTES - HEADER_BYTES;
-        assert_eq!(last, (data, data), "progress ends at the total");
+        let info = encrypt(&plain_path, partition, PASS, &KDF, Some(&mut |done, total| last = (done, total)))
+            .unwrap();
+        assert_eq!(last, (DATA_BYTES, DATA_BYTES), "progress ends at the total");
         assert_eq!((info.cipher.as_str(), info.key_bits, info.sector_size), ("aes-xts-plain64", 512, 4096));
         assert_eq!(info.data_offset_bytes, 16 * MIB);
         assert_eq!(
             (info.pbkdf.kind.as_str(), info.pbkdf.iterations, info.pbkdf.memory_kib),
             ("argon2id", 4, 32 * 1024)
         );
-        header_has_one_keyslot_and_the_layout(&img);
-        passphrase_is_checked(&img);
-        no_plaintext_block_is_left(&img, &plain);
-        cli_decrypts_byte_for_byte(dir.path(), &img, &plain);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no scratch header left: {names:?}");
+        let mut whole = std::fs::read(&img).unwrap();
+        let after = whole.split_off((MIB + PART_BYTES) as usize);
+        assert!(after.iter().chain(&whole[..MIB as usize]).all(|&b| b == 0xa5), "outside the partition");
+        let part = dir.path().join("root.part");
+        std::fs::write(&part, &whole[MIB as usize..]).unwrap();
+        header_has_one_keyslot_and_the_layout(&part);
+        passphrase_is_checked(&part);
+        no_plaintext_block_is_left(&part, &plain);
+        cli_decrypts_byte_for_byte(dir.path(), &part, &plain);
     }
 
     fn header_has_one_keyslot_and_the_layout(img: &Path) {
@@ -437,9 +574,10 @@ mod tests {
         let out = run("cryptsetup", &[&args[..], &[hdr_s, "--key-file", "-", img_s]].concat(), PASS);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let back = std::fs::read(img).unwrap();
-        let data = (FILE_BYTES - HEADER_BYTES) as usize;
-        // Sector by sector, so a failure names the first bad sector instead of printing 32 MiB.
-        let bad = back[..data].chunks(SECTOR).zip(plain[..data].chunks(SECTOR)).position(|(b, p)| b != p);
+        let data = DATA_BYTES as usize;
+        // Sector by sector, so a failure names the first bad sector instead of printing 32 MiB;
+        // the hole and the part past the plain file's end come back as zeros.
+        let bad = back[..data].chunks(SECTOR).zip(plain.chunks(SECTOR)).position(|(b, p)| b != p);
         assert_eq!(bad, None, "first sector that decrypts wrong");
     }
 

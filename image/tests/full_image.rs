@@ -6,18 +6,15 @@ mod common;
 use std::path::Path;
 
 use cloister_image::{
-    assemble, build_uki, encrypt_in_place, AssembleError, Layout, LayoutUuids, UkiSections, DEFAULT_STUB,
+    build_uki, encrypt, AssembleError, ImageWriter, Layout, LayoutUuids, LuksError, UkiSections, DEFAULT_STUB,
 };
 use common::*;
-
-const PASS: &[u8] = b"integration passphrase";
 
 #[test]
 fn full_image_passes_independent_checks() {
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout::plan(470, 64, LayoutUuids::random()).unwrap();
     let root = xfs_file(dir.path(), layout.root.size_bytes());
-    let luks = encrypt_in_place(&root, PASS, &WEAK_KDF, None).unwrap();
 
     let (linux, initrd, uki) =
         (dir.path().join("linux"), dir.path().join("initrd"), dir.path().join("uki.efi"));
@@ -30,12 +27,21 @@ fn full_image_passes_independent_checks() {
     let out = dir.path().join("cloister.img");
     let mut seen = 0u64;
     let mut progress = |done: u64, _total: u64| seen = done;
-    let summary =
-        assemble(&out, &layout, &[("EFI/BOOT/BOOTX64.EFI", &uki)], &root, Some(&mut progress)).unwrap();
-    assert_eq!(seen, layout.root.size_bytes());
+    let writer = ImageWriter::create(&out, &layout, &[("EFI/BOOT/BOOTX64.EFI", &uki)]).unwrap();
+    let luks = encrypt(&root, writer.root_partition(), PASS, &WEAK_KDF, Some(&mut progress)).unwrap();
+    assert!(!out.exists(), "no image under the output name before it is finished");
+    let summary = writer.finish().unwrap();
+    assert_eq!(seen, layout.root.size_bytes() - 16 * MIB, "progress covers the data segment");
     assert_eq!(summary.bytes, std::fs::metadata(&out).unwrap().len());
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!names.iter().any(|n| n.to_string_lossy().contains(".tmp-")), "{names:?}");
+
+    // The block map made while the image was synced is the one its final file gives.
+    assert_eq!(summary.bmap, dir.path().join("cloister.img.bmap"));
+    let again = cloister_image::write_bmap(&out, &dir.path().join("again.bmap")).unwrap();
+    assert_eq!(cloister_image::read_bmap(&summary.bmap).unwrap(), again);
+    assert!(again.mapped_bytes() > layout.root.size_bytes() - 16 * MIB, "the ciphertext is mapped");
+    std::fs::remove_file(dir.path().join("again.bmap")).unwrap();
 
     let sum_line = std::fs::read_to_string(dir.path().join("cloister.img.sha256")).unwrap();
     assert_eq!(sum_line, format!("{}  cloister.img\n", summary.sha256));
@@ -100,10 +106,8 @@ fn check_root(dir: &Path, out: &Path, layout: &Layout, luks_uuid: &str) {
 fn output_under_a_missing_directory_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout::plan(40, 16, LayoutUuids::random()).unwrap();
-    let root = dir.path().join("root");
-    std::fs::write(&root, b"root").unwrap();
     let out = dir.path().join("missing/cloister.img");
-    let err = assemble(&out, &layout, &[], &root, None).unwrap_err();
+    let err = ImageWriter::create(&out, &layout, &[]).err().unwrap();
     assert!(matches!(err, AssembleError::Create { .. }), "{err}");
     assert!(err.to_string().contains(out.to_str().unwrap()), "{err}");
 }
@@ -113,10 +117,12 @@ fn failure_leaves_no_partial_output() {
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout::plan(40, 16, LayoutUuids::random()).unwrap();
     let root = dir.path().join("root");
-    std::fs::File::create(&root).unwrap().set_len(layout.root.size_bytes() + 4096).unwrap();
+    std::fs::File::create(&root).unwrap().set_len(layout.root.size_bytes()).unwrap();
     let out = dir.path().join("cloister.img");
-    let err = assemble(&out, &layout, &[], &root, None).unwrap_err();
-    assert!(matches!(err, AssembleError::RootTooLarge { .. }), "{err}");
+    let writer = ImageWriter::create(&out, &layout, &[]).unwrap();
+    let err = encrypt(&root, writer.root_partition(), PASS, &WEAK_KDF, None).unwrap_err();
+    assert!(matches!(err, LuksError::PlainTooLarge { .. }), "{err}");
+    drop(writer);
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, ["root"], "only the input is left");
 }

@@ -1,14 +1,11 @@
-//! In-place LUKS2 encryption of a file holding an XFS, checked with the cryptsetup CLI and
-//! xfsprogs (decrypting offline with the CLI, no device-mapper).
+//! LUKS2 encryption of a file holding an XFS into a partition, checked with the cryptsetup CLI
+//! and xfsprogs (decrypting offline with the CLI, no device-mapper).
 
 mod common;
 
 use std::path::Path;
 
-use cloister_image::encrypt_in_place;
 use common::*;
-
-const PASS: &[u8] = b"correct horse battery staple";
 
 /// An XFS superblock's first 8 bytes: the magic and a 4096-byte block size (big endian). Four
 /// bytes alone turn up in 400 MiB of ciphertext about once in 5000 runs (one such run failed
@@ -16,10 +13,11 @@ const PASS: &[u8] = b"correct horse battery staple";
 const XFS_SB: &[u8] = b"XFSB\0\0\x10\0";
 
 #[test]
-fn encrypts_in_place_and_the_cli_agrees() {
+fn encrypts_into_a_partition_and_the_cli_agrees() {
     let dir = tempfile::tempdir().unwrap();
-    let img = xfs_file(dir.path(), 400 * MIB);
-    assert!(aligned_magic_count(&img, XFS_SB, 512) > 0, "control: plaintext xfs has superblocks");
+    let plain = xfs_file(dir.path(), 400 * MIB);
+    assert!(aligned_magic_count(&plain, XFS_SB, 512) > 0, "control: plaintext xfs has superblocks");
+    let img = dir.path().join("root.part");
 
     let mut calls = 0u32;
     let mut last = (0, 0);
@@ -27,7 +25,7 @@ fn encrypts_in_place_and_the_cli_agrees() {
         calls += 1;
         last = (done, total);
     };
-    let info = encrypt_in_place(&img, PASS, &WEAK_KDF, Some(&mut progress)).unwrap();
+    let info = encrypt_to_file(&plain, &img, 400 * MIB, Some(&mut progress)).unwrap();
     assert!(calls > 0, "progress was reported");
     assert_eq!(last.0, last.1, "progress ends at the total");
     assert_eq!(info.cipher, "aes-xts-plain64");
@@ -36,7 +34,7 @@ fn encrypts_in_place_and_the_cli_agrees() {
     assert_eq!(info.data_offset_bytes, 16 * MIB);
     assert_eq!(info.pbkdf.kind, "argon2id");
     assert_eq!((info.pbkdf.iterations, info.pbkdf.memory_kib, info.pbkdf.parallel), (4, 32 * 1024, 1));
-    // Nothing is left next to the image (no temporary header file).
+    // Nothing is left next to the plain file (the scratch header file is gone).
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().contains("luks-header")), "{left:?}");
 
@@ -93,10 +91,21 @@ fn decrypt_and_check(dir: &Path, img: &Path) {
 }
 
 #[test]
-fn too_small_file_is_refused() {
+fn a_partition_too_small_for_the_plain_file_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("small");
-    std::fs::File::create(&img).unwrap().set_len(16 * MIB).unwrap();
-    let err = encrypt_in_place(&img, PASS, &WEAK_KDF, None).unwrap_err();
-    assert!(err.to_string().contains("small"), "{err}");
+    let plain = xfs_file(dir.path(), 400 * MIB);
+    let img = dir.path().join("root.part");
+    let err = encrypt_to_file(&plain, &img, 400 * MIB - 4096, None).unwrap_err();
+    assert!(err.to_string().contains("root.xfs") && err.to_string().contains("do not fit"), "{err}");
+    let part = std::fs::read(&img).unwrap();
+    assert!(part.iter().all(|&b| b == 0), "nothing was written into the partition");
+}
+
+#[test]
+fn a_partition_without_room_for_the_header_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::File::create(&plain).unwrap();
+    let err = encrypt_to_file(&plain, &dir.path().join("small"), 16 * MIB, None).unwrap_err();
+    assert!(err.to_string().contains("small") && err.to_string().contains("16 MiB header"), "{err}");
 }

@@ -134,20 +134,31 @@ impl Bmap {
 pub fn write_bmap(image: &Path, out: &Path) -> Result<Bmap, BmapError> {
     let read_err = |source| BmapError::ReadImage { path: image.into(), source };
     let file = File::open(image).map_err(read_err)?;
-    let image_size = file.metadata().map_err(read_err)?.len();
+    let bmap = map_image(&file).map_err(read_err)?;
+    save_bmap(&bmap, out)?;
+    Ok(bmap)
+}
+
+/// The block map of an open image: its data ranges (`SEEK_DATA`/`SEEK_HOLE`), each hashed.
+pub fn map_image(file: &File) -> io::Result<Bmap> {
+    let image_size = file.metadata()?.len();
     let blocks_count = image_size.div_ceil(BLOCK_SIZE);
     let mut ranges = Vec::new();
-    for (first, last) in data_blocks(&file, image_size).map_err(read_err)? {
+    for (first, last) in data_blocks(file, image_size)? {
         let start = first * BLOCK_SIZE;
         let end = ((last + 1) * BLOCK_SIZE).min(image_size);
-        let sha256 = hash_span(&file, start, end - start).map_err(read_err)?;
+        let sha256 = hash_span(file, start, end - start)?;
         ranges.push(BmapRange { first, last, sha256 });
     }
     let mapped_blocks = ranges.iter().map(|r| r.last - r.first + 1).sum();
-    let bmap = Bmap { image_size, block_size: BLOCK_SIZE, blocks_count, mapped_blocks, ranges };
+    Ok(Bmap { image_size, block_size: BLOCK_SIZE, blocks_count, mapped_blocks, ranges })
+}
+
+/// Writes `bmap` to `out` (temp file, fsync, rename, directory fsync: `out` never holds a
+/// partial map).
+pub fn save_bmap(bmap: &Bmap, out: &Path) -> Result<(), BmapError> {
     write_atomically(out, bmap.to_xml().as_bytes())
-        .map_err(|source| BmapError::Write { path: out.into(), source })?;
-    Ok(bmap)
+        .map_err(|source| BmapError::Write { path: out.into(), source })
 }
 
 /// Block ranges (inclusive) that hold data, widened to whole blocks and merged.

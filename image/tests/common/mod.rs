@@ -12,6 +12,7 @@ use cloister_rootfs::tree::{Kind, Node, Tree};
 
 pub const MIB: u64 = 1024 * 1024;
 pub const MARKER: &[u8] = b"cloister-known-content-5b8e2c9a";
+pub const PASS: &[u8] = b"correct horse battery staple";
 pub const WEAK_KDF: KdfParams =
     KdfParams { memory_kib: 32 * 1024, time_ms: 100, iterations: Some(4), parallel: 1 };
 
@@ -28,15 +29,30 @@ pub fn small_tree(dir: &Path) -> Tree {
     t
 }
 
-/// A `file_bytes` file holding an XFS of `file_bytes - 32 MiB` made from `small_tree`.
-pub fn xfs_file(dir: &Path, file_bytes: u64) -> std::path::PathBuf {
+/// A plain XFS made from `small_tree`, sized to fill the data segment of a LUKS2 partition of
+/// `partition_bytes` (the partition minus the 16 MiB header).
+pub fn xfs_file(dir: &Path, partition_bytes: u64) -> std::path::PathBuf {
     let tree = small_tree(dir);
     let proto = dir.join("proto");
     write_protofile(&tree, &proto).unwrap();
-    let img = dir.join("root.img");
-    File::create(&img).unwrap().set_len(file_bytes).unwrap();
-    mkfs_xfs(&proto, &img, file_bytes - cloister_image::LUKS_RESERVE_BYTES, "root", None).unwrap();
+    let img = dir.join("root.xfs");
+    let xfs_bytes = partition_bytes - cloister_image::LUKS_RESERVE_BYTES;
+    File::create(&img).unwrap().set_len(xfs_bytes).unwrap();
+    mkfs_xfs(&proto, &img, xfs_bytes, "root", None).unwrap();
     img
+}
+
+/// Encrypts `plain` into a new partition file `part` of `bytes`.
+pub fn encrypt_to_file(
+    plain: &Path,
+    part: &Path,
+    bytes: u64,
+    progress: Option<&mut dyn FnMut(u64, u64)>,
+) -> Result<cloister_image::LuksInfo, cloister_image::LuksError> {
+    let file = File::create_new(part).unwrap();
+    file.set_len(bytes).unwrap();
+    let partition = cloister_image::Partition { file: &file, path: part, offset: 0, bytes };
+    cloister_image::encrypt(plain, partition, PASS, &WEAK_KDF, progress)
 }
 
 pub fn run(cmd: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {

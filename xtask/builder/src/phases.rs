@@ -117,20 +117,20 @@ fn default_cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("cloister"))
 }
 
-/// The build's scratch space: staging tree, initramfs, UKI and the root partition file.
+/// The build's scratch space: staging tree, initramfs, UKI and the plain root XFS.
 ///
 /// On tmpfs when it has room to spare, else beside the output. This machine's disk needs
-/// 13 s of kernel time for `tar -x` of the packages where tmpfs needs 1.3 s, and libcryptsetup's
-/// offline reencryption syncs after every hotzone (it is built to survive a power cut, which a
-/// fresh build does not need), so on a disk it runs at sync speed. Nothing in here is secret:
-/// packaged files, then ciphertext. Removed when the build ends unless --keep-work.
+/// 13 s of kernel time for `tar -x` of the packages where tmpfs needs 1.3 s. Nothing in here
+/// is secret: packaged files, the plain XFS made of them, and the scratch LUKS2 header (its
+/// keyslot holds the volume key wrapped by the passphrase). Removed when the build ends unless
+/// --keep-work.
 struct WorkDir {
     path: PathBuf,
     keep: bool,
 }
 
 impl WorkDir {
-    /// Room a build needs besides the root partition file (staging tree, initramfs, UKI).
+    /// Room a build needs besides the plain root XFS (staging tree, initramfs, UKI).
     const STAGING_BYTES: u64 = 1 << 30;
     /// tmpfs must keep this much free after the build, so the build never starves the host.
     const HEADROOM: u64 = 2 << 30;
@@ -246,19 +246,28 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
         };
         Ok(cloister_image::uki::build_uki(Path::new(cloister_image::uki::DEFAULT_STUB), &sections, &uki)?)
     })?;
-    let root_part = work.path.join("root.part");
+    // The plain XFS, sparse in the work directory; it is encrypted straight into the image.
+    let root_plain = work.path.join("root.xfs");
     let root_bytes = layout.root.size_bytes();
     phase(&mut timings, "xfs", || {
         let proto = work.path.join("protofile");
         let report = cloister_image::xfs::write_protofile(&rootfs.tree, &proto)?;
-        // The file has the partition's size; the XFS leaves the last 32 MiB free for LUKS.
-        let file = std::fs::File::create(&root_part)
-            .with_context(|| format!("cannot create {}", root_part.display()))?;
-        file.set_len(root_bytes).with_context(|| format!("cannot size {}", root_part.display()))?;
+        let xfs_bytes = root_bytes - LUKS_RESERVE_BYTES;
+        let file = std::fs::File::create(&root_plain)
+            .with_context(|| format!("cannot create {}", root_plain.display()))?;
+        file.set_len(xfs_bytes).with_context(|| format!("cannot size {}", root_plain.display()))?;
         drop(file);
-        cloister_image::xfs::mkfs_xfs(&proto, &root_part, root_bytes - LUKS_RESERVE_BYTES, "cloister", None)?;
-        cloister_image::xfs::restore_modes(&root_part, &rootfs.tree, &report.sticky_dropped)?;
+        cloister_image::xfs::mkfs_xfs(&proto, &root_plain, xfs_bytes, "cloister", None)?;
+        cloister_image::xfs::restore_modes(&root_plain, &rootfs.tree, &report.sticky_dropped)?;
         Ok(())
+    })?;
+    // The image file with its partition table and ESP; the root partition is filled next.
+    let writer = phase(&mut timings, "esp", || {
+        Ok(cloister_image::ImageWriter::create(
+            &plan.output,
+            &layout,
+            &[("EFI/BOOT/BOOTX64.EFI", uki.as_path())],
+        )?)
     })?;
     let (luks, data_pass) = phase(&mut timings, "luks", || {
         let mut bar = Progress::new("encrypt", root_bytes, true);
@@ -270,8 +279,9 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             pass_span = Some((pass_span.map_or(now, |(first, _)| first), now));
             bar.set(done, "");
         };
-        let info = cloister_image::luks::encrypt_in_place(
-            &root_part,
+        let info = cloister_image::luks::encrypt(
+            &root_plain,
+            writer.root_partition(),
             passphrase.bytes(),
             &plan.kdf,
             Some(&mut report),
@@ -281,23 +291,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
         Ok((info, secs))
     })?;
     timings.push(("luks_data_pass", data_pass));
-    let image = phase(&mut timings, "image", || {
-        let mut bar = Progress::new("write", layout.disk_bytes, true);
-        let summary = cloister_image::assemble::assemble(
-            &plan.output,
-            &layout,
-            &[("EFI/BOOT/BOOTX64.EFI", uki.as_path())],
-            &root_part,
-            Some(&mut |done: u64, _total: u64| bar.set(done, "")),
-        )?;
-        bar.finish();
-        // The block map beside the image: `cargo xtask flash` and `bmaptool copy` write only
-        // its data ranges and check each one's SHA256.
-        let mut bmap = plan.output.as_os_str().to_owned();
-        bmap.push(".bmap");
-        cloister_image::write_bmap(&summary.path, Path::new(&bmap))?;
-        Ok(summary)
-    })?;
+    let image = phase(&mut timings, "image", || Ok(writer.finish()?))?;
     let uki_bytes = std::fs::metadata(&uki).map(|m| m.len()).unwrap_or(0);
     let min_ram_mib = min_ram_mib(&plan.kdf);
     let manifest = crate::manifest::write(&crate::manifest::Inputs {
