@@ -85,6 +85,12 @@ pub enum LuksError {
     BadSize { path: PathBuf, size: u64 },
     #[error("{path}: {size} bytes do not fit the {room}-byte data segment (or are not a multiple of 4096)")]
     PlainTooLarge { path: PathBuf, size: u64, room: u64 },
+    #[error(
+        "libcryptsetup lowered the argon2id cost to {got} (the config asks {asked}): on a machine \
+         without swap it allows at most half of the free memory ({free}); an image must not unlock \
+         more cheaply than configured, so none was written. Free memory (or add swap) and build again"
+    )]
+    KdfLowered { asked: String, got: String, free: String },
     #[error("aes-xts on {path}: {source}")]
     Cipher { path: PathBuf, source: ErrorStack },
     #[error("luks {step} on {path}: {source}")]
@@ -131,6 +137,7 @@ pub fn encrypt(
     }
     let key = volume_key()?;
     let header = header_bytes(plain, into.bytes, &key, passphrase, kdf)?;
+    check_kdf(kdf, &header.info.pbkdf)?;
     let mut report = |done, total| {
         if let Some(p) = progress.as_mut() {
             p(done, total);
@@ -153,6 +160,30 @@ fn allocate(part: Partition<'_>) -> Result<(), LuksError> {
         Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
         Err(e) => Err(LuksError::Io { path: part.path.into(), source: e.into() }),
     }
+}
+
+/// The keyslot must cost what was asked. Debian's libcryptsetup silently lowers argon2id's
+/// memory to half of the free memory on machines without swap (Debian bug 1028250; seen here
+/// once: 503280 KiB for 524288, with the page cache holding most of the RAM), which would ship
+/// an image that is cheaper to attack than its config says. Lanes are not compared: the library
+/// caps them at the build machine's CPUs, which changes the derived key but not the cost.
+fn check_kdf(asked: &KdfParams, got: &PbkdfInfo) -> Result<(), LuksError> {
+    let iterations_ok = asked.iterations.is_none_or(|n| n == got.iterations);
+    if got.kind == "argon2id" && got.memory_kib == asked.memory_kib && iterations_ok {
+        return Ok(());
+    }
+    let iterations = asked.iterations.map_or("benchmarked".to_string(), |n| n.to_string());
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.starts_with("MemFree:")).map(|l| l["MemFree:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Err(LuksError::KdfLowered {
+        asked: format!("argon2id {} KiB x {iterations}", asked.memory_kib),
+        got: format!("{} {} KiB x {}", got.kind, got.memory_kib, got.iterations),
+        free,
+    })
 }
 
 /// A fresh volume key; it only ever leaves this process encrypted in the keyslot.
@@ -579,6 +610,26 @@ mod tests {
         // the hole and the part past the plain file's end come back as zeros.
         let bad = back[..data].chunks(SECTOR).zip(plain.chunks(SECTOR)).position(|(b, p)| b != p);
         assert_eq!(bad, None, "first sector that decrypts wrong");
+    }
+
+    #[test]
+    fn a_lowered_kdf_is_refused_and_named() {
+        let asked = KdfParams { memory_kib: 524288, time_ms: 2000, iterations: Some(6), parallel: 4 };
+        let got = |memory_kib, iterations, parallel| PbkdfInfo {
+            kind: "argon2id".into(),
+            iterations,
+            memory_kib,
+            parallel,
+        };
+        check_kdf(&asked, &got(524288, 6, 4)).unwrap();
+        check_kdf(&asked, &got(524288, 6, 2)).expect("lanes capped at the build host's CPUs are fine");
+        let err = check_kdf(&asked, &got(503280, 6, 4)).unwrap_err().to_string();
+        assert!(err.contains("503280 KiB") && err.contains("524288 KiB") && err.contains("swap"), "{err}");
+        assert!(check_kdf(&asked, &got(524288, 4, 4)).is_err(), "fewer passes than pinned");
+        let benchmarked = KdfParams { iterations: None, ..asked };
+        check_kdf(&benchmarked, &got(524288, 9, 4)).expect("a benchmark picks the passes");
+        let pbkdf2 = PbkdfInfo { kind: "pbkdf2".into(), ..got(524288, 6, 4) };
+        assert!(check_kdf(&asked, &pbkdf2).is_err(), "another KDF");
     }
 
     #[test]
