@@ -49,6 +49,8 @@ pub enum MountError {
     Copy { from: PathBuf, to: PathBuf, source: std::io::Error },
     #[error("path {0} holds a nul byte")]
     Nul(String),
+    #[error("the copying thread panicked")]
+    ThreadPanicked,
 }
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), MountError> {
