@@ -135,7 +135,10 @@ pub fn encrypt(
     if !plain_bytes.is_multiple_of(sector) || plain_bytes > data_bytes {
         return Err(LuksError::PlainTooLarge { path: plain.into(), size: plain_bytes, room: data_bytes });
     }
+    // The whole partition first: a full disk is an error before the KDF's seconds, not after.
+    allocate(into)?;
     let key = volume_key()?;
+    make_room_for_kdf(kdf.memory_kib);
     let header = header_bytes(plain, into.bytes, &key, passphrase, kdf)?;
     check_kdf(kdf, &header.info.pbkdf)?;
     let mut report = |done, total| {
@@ -145,7 +148,6 @@ pub fn encrypt(
     };
     report(0, data_bytes);
     let data = Partition { offset: into.offset + HEADER_BYTES, bytes: data_bytes, ..into };
-    allocate(data)?;
     encrypt_data(&source, plain, plain_bytes, data, &key, &mut report)?;
     into.file
         .write_all_at(&header.bytes, into.offset)
@@ -184,6 +186,50 @@ fn check_kdf(asked: &KdfParams, got: &PbkdfInfo) -> Result<(), LuksError> {
         got: format!("{} {} KiB x {}", got.kind, got.memory_kib, got.iterations),
         free,
     })
+}
+
+/// Without swap, libcryptsetup allows argon2id at most half of `MemFree` (see [`check_kdf`]),
+/// and on a busy build machine the page cache holds nearly all RAM, though the kernel would
+/// give it up at once. So when free memory is short but available, this touches as much as is
+/// missing and lets it go again: the kernel drops that much clean cache to provide it, and the
+/// freed pages then count as free. Nothing is changed that any large allocation would not
+/// change; if there is not enough available memory the check after formatting says so.
+fn make_room_for_kdf(memory_kib: u32) {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else { return };
+    let missing_kib = room_to_make_kib(&meminfo, memory_kib);
+    if missing_kib == 0 {
+        return;
+    }
+    let Ok(len) = usize::try_from(missing_kib * 1024) else { return };
+    let mut room: Vec<u8> = Vec::new();
+    if room.try_reserve_exact(len).is_err() {
+        return;
+    }
+    // Written, not just allocated: only touched pages are backed (a zeroed allocation is not).
+    room.resize(len, 1);
+    std::hint::black_box(&room);
+}
+
+/// KiB of memory to touch so that `MemFree` covers twice the KDF's memory plus a margin, or 0
+/// when it already does, when swap exists (the cap does not apply) or when even
+/// `MemAvailable` cannot cover it (touching would only push the machine towards the OOM killer).
+fn room_to_make_kib(meminfo: &str, memory_kib: u32) -> u64 {
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    let (Some(free), Some(available), Some(swap)) =
+        (field("MemFree:"), field("MemAvailable:"), field("SwapTotal:"))
+    else {
+        return 0;
+    };
+    const MARGIN_KIB: u64 = 128 * 1024;
+    let needed = 2 * u64::from(memory_kib) + MARGIN_KIB;
+    if swap > 0 || free >= needed || available < needed + MARGIN_KIB {
+        return 0;
+    }
+    needed - free
 }
 
 /// A fresh volume key; it only ever leaves this process encrypted in the keyslot.
@@ -610,6 +656,20 @@ mod tests {
         // the hole and the part past the plain file's end come back as zeros.
         let bad = back[..data].chunks(SECTOR).zip(plain.chunks(SECTOR)).position(|(b, p)| b != p);
         assert_eq!(bad, None, "first sector that decrypts wrong");
+    }
+
+    #[test]
+    fn room_is_made_only_when_free_memory_is_short_but_available() {
+        let info = |free: u64, available: u64, swap: u64| {
+            format!("MemTotal: 24000000 kB\nMemFree: {free} kB\nMemAvailable: {available} kB\nSwapTotal: {swap} kB\n")
+        };
+        let kdf = 512 * 1024;
+        let needed = 2 * 512 * 1024 + 128 * 1024;
+        assert_eq!(room_to_make_kib(&info(629_400, 20_000_000, 0), kdf), needed - 629_400);
+        assert_eq!(room_to_make_kib(&info(7_000_000, 20_000_000, 0), kdf), 0, "enough free");
+        assert_eq!(room_to_make_kib(&info(629_400, 20_000_000, 1024), kdf), 0, "swap: no cap");
+        assert_eq!(room_to_make_kib(&info(629_400, 1_200_000, 0), kdf), 0, "not available either");
+        assert_eq!(room_to_make_kib("garbage", kdf), 0);
     }
 
     #[test]
