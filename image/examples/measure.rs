@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use cloister_image::{encrypt, mkfs_xfs, write_protofile, KdfParams, Partition, LUKS_RESERVE_BYTES};
+use cloister_image::{
+    encrypt, format_luks, mkfs_xfs, write_protofile, KdfParams, Partition, LUKS_RESERVE_BYTES,
+};
 use cloister_rootfs::tree::{Node, Tree};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -40,7 +42,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let t = Instant::now();
     let partition = Partition { file: &out, path: &img, offset: 0, bytes };
-    encrypt(&plain, partition, b"measure", &kdf, Some(&mut report))?;
+    let header = format_luks(&dir, bytes, b"measure", &kdf)?;
+    encrypt(&plain, partition, &header, Some(&mut report))?;
     let luks = t.elapsed().as_secs_f64();
     let pass = span.map_or(0.0, |(first, last)| (last - first).as_secs_f64());
     let data_mb = (bytes - LUKS_RESERVE_BYTES) as f64 / 1e6;

@@ -40,21 +40,23 @@ pub enum AssembleError {
     Bmap(#[from] cloister_bmap::BmapError),
 }
 
-/// An image being written: the GPT and the ESP are in place, the root partition is the caller's
-/// to fill (see [`crate::luks::encrypt`]) before [`ImageWriter::finish`]. Dropped unfinished, it
-/// leaves nothing behind.
+/// An image being written: made with its partition table and the root's space reserved, then
+/// the ESP ([`ImageWriter::write_esp`]) and the root partition (see [`crate::luks::encrypt`])
+/// are filled before [`ImageWriter::finish`]. Dropped unfinished, it leaves nothing behind.
 pub struct ImageWriter {
     tmp: TempOut,
     file: File,
     out: PathBuf,
     bytes: u64,
     root: (u64, u64),
+    esp: (u64, u64),
 }
 
 impl ImageWriter {
-    /// Creates `<out>.tmp-<pid>` of the layout's size (sparse: holes stay holes) and writes the
-    /// partition table and the ESP with `esp_files` into it.
-    pub fn create(out: &Path, layout: &Layout, esp_files: &[(&str, &Path)]) -> Result<Self, AssembleError> {
+    /// Creates `<out>.tmp-<pid>` of the layout's size (sparse: holes stay holes), reserves the
+    /// root partition's space (`fallocate`: a full disk fails here, before a build's minutes of
+    /// work) and writes the partition table.
+    pub fn create(out: &Path, layout: &Layout) -> Result<Self, AssembleError> {
         let tmp = TempOut::new(out);
         let write_err = |source| AssembleError::Write { path: out.into(), source };
         let mut file = OpenOptions::new()
@@ -64,11 +66,20 @@ impl ImageWriter {
             .open(&tmp.0)
             .map_err(|source| AssembleError::Create { path: out.into(), source })?;
         file.set_len(layout.disk_bytes).map_err(write_err)?;
-        write_gpt(&mut file, out, layout)?;
-        write_esp(&tmp.0, layout.esp.offset_bytes(), layout.esp.size_bytes(), esp_files)
-            .map_err(|source| AssembleError::Esp { path: out.into(), source })?;
         let root = (layout.root.offset_bytes(), layout.root.size_bytes());
-        Ok(Self { tmp, file, out: out.into(), bytes: layout.disk_bytes, root })
+        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), root.0, root.1) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(write_err(e.into())),
+        }
+        write_gpt(&mut file, out, layout)?;
+        let esp = (layout.esp.offset_bytes(), layout.esp.size_bytes());
+        Ok(Self { tmp, file, out: out.into(), bytes: layout.disk_bytes, root, esp })
+    }
+
+    /// Formats the ESP with `esp_files` in it.
+    pub fn write_esp(&self, esp_files: &[(&str, &Path)]) -> Result<(), AssembleError> {
+        write_esp(&self.tmp.0, self.esp.0, self.esp.1, esp_files)
+            .map_err(|source| AssembleError::Esp { path: self.out.clone(), source })
     }
 
     /// The root partition's place in the image.

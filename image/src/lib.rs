@@ -19,7 +19,10 @@ pub use bmap::{read_bmap, write_bmap, Bmap, BmapError, BmapRange};
 pub use esp::{write_esp, EspError};
 pub use gpt::{write_gpt, GptWriteError};
 pub use layout::{Layout, LayoutError, LayoutUuids, PartPlan};
-pub use luks::{encrypt, KdfParams, LuksError, LuksInfo, Partition, PbkdfInfo, LUKS_RESERVE_BYTES};
+pub use luks::{
+    encrypt, format as format_luks, Header as LuksHeader, KdfParams, LuksError, LuksInfo, Partition,
+    PbkdfInfo, LUKS_RESERVE_BYTES,
+};
 pub use manifest::Manifest;
 pub use uki::{build_uki, UkiError, UkiSections, DEFAULT_STUB};
 pub use xfs::{mkfs_xfs, write_protofile, ProtoReport, XfsError};

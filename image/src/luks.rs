@@ -87,8 +87,9 @@ pub enum LuksError {
     PlainTooLarge { path: PathBuf, size: u64, room: u64 },
     #[error(
         "libcryptsetup lowered the argon2id cost to {got} (the config asks {asked}): on a machine \
-         without swap it allows at most half of the free memory ({free}); an image must not unlock \
-         more cheaply than configured, so none was written. Free memory (or add swap) and build again"
+         without swap it allows at most half of the free memory ({free} free now); an image must not \
+         unlock more cheaply than configured, so none was written. Free memory (or add swap) and \
+         build again"
     )]
     KdfLowered { asked: String, got: String, free: String },
     #[error("aes-xts on {path}: {source}")]
@@ -107,40 +108,71 @@ pub struct Partition<'a> {
     pub bytes: u64,
 }
 
-/// Writes `into` as a LUKS2 partition whose data segment holds the filesystem image `plain`
-/// encrypted, with one keyslot (slot 0) for `passphrase`. `plain` may be shorter than the data
-/// segment ([`LUKS_RESERVE_BYTES`] smaller than the partition fills it exactly); whatever it does
-/// not cover is encrypted zeros, so free space looks like the rest. `progress` gets (bytes done,
+/// A LUKS2 header for a partition of a given size: a fresh volume key, the header and keyslot
+/// libcryptsetup made for it, and what the header says. Made first, written by [`encrypt`].
+pub struct Header {
+    key: Zeroizing<[u8; KEY_BYTES]>,
+    bytes: Vec<u8>,
+    info: LuksInfo,
+    partition_bytes: u64,
+}
+
+impl Header {
+    pub fn info(&self) -> &LuksInfo {
+        &self.info
+    }
+}
+
+/// Makes the header (the KDF's seconds) for a partition of `partition_bytes`, with one keyslot
+/// (slot 0) for `passphrase`, in a scratch file under `scratch_dir`.
+///
+/// A build makes it before anything else: libcryptsetup caps argon2id memory at half of the
+/// free RAM on a machine without swap (see [`check_kdf`]), and a build's own work (the staging
+/// tree and the plain XFS on tmpfs, the page cache it fills) leaves less free RAM later.
+pub fn format(
+    scratch_dir: &Path,
+    partition_bytes: u64,
+    passphrase: &[u8],
+    kdf: &KdfParams,
+) -> Result<Header, LuksError> {
+    let sector = u64::from(SECTOR_BYTES);
+    if !partition_bytes.is_multiple_of(sector) || partition_bytes <= HEADER_BYTES {
+        return Err(LuksError::BadSize { path: scratch_dir.into(), size: partition_bytes });
+    }
+    let key = volume_key()?;
+    let (bytes, info) = header_bytes(scratch_dir, partition_bytes, &key, passphrase, kdf)?;
+    check_kdf(kdf, &info.pbkdf)?;
+    Ok(Header { key, bytes, info, partition_bytes })
+}
+
+/// Writes `into` as the LUKS2 partition `header` was made for, its data segment holding the
+/// filesystem image `plain` encrypted. `plain` may be shorter than the data segment
+/// ([`LUKS_RESERVE_BYTES`] smaller than the partition fills it exactly); whatever it does not
+/// cover is encrypted zeros, so free space looks like the rest. `progress` gets (bytes done,
 /// bytes total) of the data segment.
 ///
 /// Encrypting while writing the final image (instead of in place in a work file and copying that
 /// afterwards) writes the ciphertext once, and leaves the plain file sparse: its holes are
-/// never read, only zeros encrypted. The data segment is allocated first (`fallocate`), so a
-/// full disk fails here, before any work, rather than halfway through.
+/// never read, only zeros encrypted. The partition is allocated first (`fallocate`), so a full
+/// disk fails here, before any work, rather than halfway through.
 pub fn encrypt(
     plain: &Path,
     into: Partition<'_>,
-    passphrase: &[u8],
-    kdf: &KdfParams,
+    header: &Header,
     mut progress: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<LuksInfo, LuksError> {
     let io_err = |source| LuksError::Io { path: plain.into(), source };
     let source = File::open(plain).map_err(io_err)?;
     let plain_bytes = source.metadata().map_err(io_err)?.len();
     let sector = u64::from(SECTOR_BYTES);
-    let data_bytes = into.bytes.saturating_sub(HEADER_BYTES);
-    if !into.bytes.is_multiple_of(sector) || !into.offset.is_multiple_of(sector) || data_bytes == 0 {
+    if into.bytes != header.partition_bytes || !into.offset.is_multiple_of(sector) {
         return Err(LuksError::BadSize { path: into.path.into(), size: into.bytes });
     }
+    let data_bytes = into.bytes - HEADER_BYTES;
     if !plain_bytes.is_multiple_of(sector) || plain_bytes > data_bytes {
         return Err(LuksError::PlainTooLarge { path: plain.into(), size: plain_bytes, room: data_bytes });
     }
-    // The whole partition first: a full disk is an error before the KDF's seconds, not after.
     allocate(into)?;
-    let key = volume_key()?;
-    make_room_for_kdf(kdf.memory_kib);
-    let header = header_bytes(plain, into.bytes, &key, passphrase, kdf)?;
-    check_kdf(kdf, &header.info.pbkdf)?;
     let mut report = |done, total| {
         if let Some(p) = progress.as_mut() {
             p(done, total);
@@ -148,11 +180,11 @@ pub fn encrypt(
     };
     report(0, data_bytes);
     let data = Partition { offset: into.offset + HEADER_BYTES, bytes: data_bytes, ..into };
-    encrypt_data(&source, plain, plain_bytes, data, &key, &mut report)?;
+    encrypt_data(&source, plain, plain_bytes, data, &header.key, &mut report)?;
     into.file
         .write_all_at(&header.bytes, into.offset)
         .map_err(|source| LuksError::Io { path: into.path.into(), source })?;
-    Ok(header.info)
+    Ok(header.info.clone())
 }
 
 /// Allocates `part` in its file (on ext4: unwritten extents, no data written), so that running
@@ -188,50 +220,6 @@ fn check_kdf(asked: &KdfParams, got: &PbkdfInfo) -> Result<(), LuksError> {
     })
 }
 
-/// Without swap, libcryptsetup allows argon2id at most half of `MemFree` (see [`check_kdf`]),
-/// and on a busy build machine the page cache holds nearly all RAM, though the kernel would
-/// give it up at once. So when free memory is short but available, this touches as much as is
-/// missing and lets it go again: the kernel drops that much clean cache to provide it, and the
-/// freed pages then count as free. Nothing is changed that any large allocation would not
-/// change; if there is not enough available memory the check after formatting says so.
-fn make_room_for_kdf(memory_kib: u32) {
-    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else { return };
-    let missing_kib = room_to_make_kib(&meminfo, memory_kib);
-    if missing_kib == 0 {
-        return;
-    }
-    let Ok(len) = usize::try_from(missing_kib * 1024) else { return };
-    let mut room: Vec<u8> = Vec::new();
-    if room.try_reserve_exact(len).is_err() {
-        return;
-    }
-    // Written, not just allocated: only touched pages are backed (a zeroed allocation is not).
-    room.resize(len, 1);
-    std::hint::black_box(&room);
-}
-
-/// KiB of memory to touch so that `MemFree` covers twice the KDF's memory plus a margin, or 0
-/// when it already does, when swap exists (the cap does not apply) or when even
-/// `MemAvailable` cannot cover it (touching would only push the machine towards the OOM killer).
-fn room_to_make_kib(meminfo: &str, memory_kib: u32) -> u64 {
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-    };
-    let (Some(free), Some(available), Some(swap)) =
-        (field("MemFree:"), field("MemAvailable:"), field("SwapTotal:"))
-    else {
-        return 0;
-    };
-    const MARGIN_KIB: u64 = 128 * 1024;
-    let needed = 2 * u64::from(memory_kib) + MARGIN_KIB;
-    if swap > 0 || free >= needed || available < needed + MARGIN_KIB {
-        return 0;
-    }
-    needed - free
-}
-
 /// A fresh volume key; it only ever leaves this process encrypted in the keyslot.
 fn volume_key() -> Result<Zeroizing<[u8; KEY_BYTES]>, LuksError> {
     let mut key = Zeroizing::new([0u8; KEY_BYTES]);
@@ -241,32 +229,25 @@ fn volume_key() -> Result<Zeroizing<[u8; KEY_BYTES]>, LuksError> {
     Ok(key)
 }
 
-struct Header {
-    bytes: Vec<u8>,
-    info: LuksInfo,
-}
-
 /// libcryptsetup formats files, not ranges of one: the header is made in a sparse scratch file
-/// of the partition's size next to `plain` (so the library sees the real device size) and read
-/// back. The scratch file holds no secret in clear (the keyslot is the passphrase-wrapped key)
-/// and is removed whatever happens.
+/// of the partition's size in `dir` (so the library sees the real device size) and read back.
+/// The scratch file holds no secret in clear (the keyslot is the passphrase-wrapped key) and
+/// is removed whatever happens.
 fn header_bytes(
-    plain: &Path,
+    dir: &Path,
     partition_bytes: u64,
     key: &[u8; KEY_BYTES],
     passphrase: &[u8],
     kdf: &KdfParams,
-) -> Result<Header, LuksError> {
-    let mut name = plain.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".luks-header-{}", std::process::id()));
-    let scratch = Scratch(plain.with_file_name(name));
+) -> Result<(Vec<u8>, LuksInfo), LuksError> {
+    let scratch = Scratch(dir.join(format!(".luks-header-{}", std::process::id())));
     let io_err = |source| LuksError::Io { path: scratch.0.clone(), source };
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(&scratch.0).map_err(io_err)?;
     file.set_len(partition_bytes).map_err(io_err)?;
     let info = write_header(&scratch.0, key, passphrase, kdf)?;
     let mut bytes = vec![0u8; HEADER_BYTES as usize];
     file.read_exact_at(&mut bytes, 0).map_err(io_err)?;
-    Ok(Header { bytes, info })
+    Ok((bytes, info))
 }
 
 struct Scratch(PathBuf);
@@ -583,8 +564,10 @@ mod tests {
         file.write_all_at(&vec![0xa5; (PART_BYTES + 2 * MIB) as usize], 0).unwrap();
         let partition = Partition { file: &file, path: &img, offset: MIB, bytes: PART_BYTES };
         let mut last = (1, 0);
-        let info = encrypt(&plain_path, partition, PASS, &KDF, Some(&mut |done, total| last = (done, total)))
-            .unwrap();
+        let header = format(dir.path(), PART_BYTES, PASS, &KDF).unwrap();
+        let info =
+            encrypt(&plain_path, partition, &header, Some(&mut |done, total| last = (done, total))).unwrap();
+        assert_eq!(&info, header.info());
         assert_eq!(last, (DATA_BYTES, DATA_BYTES), "progress ends at the total");
         assert_eq!((info.cipher.as_str(), info.key_bits, info.sector_size), ("aes-xts-plain64", 512, 4096));
         assert_eq!(info.data_offset_bytes, 16 * MIB);
@@ -656,20 +639,6 @@ mod tests {
         // the hole and the part past the plain file's end come back as zeros.
         let bad = back[..data].chunks(SECTOR).zip(plain.chunks(SECTOR)).position(|(b, p)| b != p);
         assert_eq!(bad, None, "first sector that decrypts wrong");
-    }
-
-    #[test]
-    fn room_is_made_only_when_free_memory_is_short_but_available() {
-        let info = |free: u64, available: u64, swap: u64| {
-            format!("MemTotal: 24000000 kB\nMemFree: {free} kB\nMemAvailable: {available} kB\nSwapTotal: {swap} kB\n")
-        };
-        let kdf = 512 * 1024;
-        let needed = 2 * 512 * 1024 + 128 * 1024;
-        assert_eq!(room_to_make_kib(&info(629_400, 20_000_000, 0), kdf), needed - 629_400);
-        assert_eq!(room_to_make_kib(&info(7_000_000, 20_000_000, 0), kdf), 0, "enough free");
-        assert_eq!(room_to_make_kib(&info(629_400, 20_000_000, 1024), kdf), 0, "swap: no cap");
-        assert_eq!(room_to_make_kib(&info(629_400, 1_200_000, 0), kdf), 0, "not available either");
-        assert_eq!(room_to_make_kib("garbage", kdf), 0);
     }
 
     #[test]

@@ -196,8 +196,20 @@ fn median_build(bins: &build::Binaries, dir: &Path, cache: &Path, pass: &Path) -
 }
 
 fn build_rows(rows: &mut Vec<Row>, cold: Option<&Value>, warm: &Value) {
-    let phases =
-        ["packages", "rootfs", "initramfs", "uki", "xfs", "esp", "luks", "luks_data_pass", "image", "total"];
+    let phases = [
+        "reserve",
+        "kdf",
+        "packages",
+        "rootfs",
+        "initramfs",
+        "uki",
+        "xfs",
+        "esp",
+        "luks",
+        "luks_data_pass",
+        "image",
+        "total",
+    ];
     for p in phases {
         let secs = |v: &Value| v[p].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "-".into());
         let cold = cold.map(secs).unwrap_or_else(|| "skipped".into());

@@ -52,7 +52,9 @@ pub fn encrypt_to_file(
     let file = File::create_new(part).unwrap();
     file.set_len(bytes).unwrap();
     let partition = cloister_image::Partition { file: &file, path: part, offset: 0, bytes };
-    cloister_image::encrypt(plain, partition, PASS, &WEAK_KDF, progress)
+    let dir = part.parent().unwrap();
+    let header = cloister_image::format_luks(dir, bytes, PASS, &WEAK_KDF)?;
+    cloister_image::encrypt(plain, partition, &header, progress)
 }
 
 pub fn run(cmd: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {

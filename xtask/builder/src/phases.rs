@@ -219,6 +219,13 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
     let layout =
         Layout::plan(plan.config.image.size_mib, plan.config.image.esp_size_mib, LayoutUuids::random())?;
     let work = WorkDir::create(&plan.output, layout.root.size_bytes(), plan.keep_work)?;
+    // The output's space first (a full disk fails before any work), then the KDF, while the build has not yet filled tmpfs and the page cache: libcryptsetup
+    // caps its memory by the free RAM on machines without swap (see `luks::format`).
+    let writer =
+        phase(&mut timings, "reserve", || Ok(cloister_image::ImageWriter::create(&plan.output, &layout)?))?;
+    let header = phase(&mut timings, "kdf", || {
+        Ok(cloister_image::luks::format(&work.path, layout.root.size_bytes(), passphrase.bytes(), &plan.kdf)?)
+    })?;
     let fetched = phase(&mut timings, "packages", || fetch_packages(plan))?;
     let rootfs = phase(&mut timings, "rootfs", || {
         rootfs_phase::build(
@@ -261,14 +268,7 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
         cloister_image::xfs::restore_modes(&root_plain, &rootfs.tree, &report.sticky_dropped)?;
         Ok(())
     })?;
-    // The image file with its partition table and ESP; the root partition is filled next.
-    let writer = phase(&mut timings, "esp", || {
-        Ok(cloister_image::ImageWriter::create(
-            &plan.output,
-            &layout,
-            &[("EFI/BOOT/BOOTX64.EFI", uki.as_path())],
-        )?)
-    })?;
+    phase(&mut timings, "esp", || Ok(writer.write_esp(&[("EFI/BOOT/BOOTX64.EFI", uki.as_path())])?))?;
     let (luks, data_pass) = phase(&mut timings, "luks", || {
         let mut bar = Progress::new("encrypt", root_bytes, true);
         // The data pass alone (first to last progress report), apart from the KDF's seconds,
@@ -279,13 +279,8 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
             pass_span = Some((pass_span.map_or(now, |(first, _)| first), now));
             bar.set(done, "");
         };
-        let info = cloister_image::luks::encrypt(
-            &root_plain,
-            writer.root_partition(),
-            passphrase.bytes(),
-            &plan.kdf,
-            Some(&mut report),
-        )?;
+        let info =
+            cloister_image::luks::encrypt(&root_plain, writer.root_partition(), &header, Some(&mut report))?;
         bar.finish();
         let secs = pass_span.map_or(0.0, |(first, last)| (last - first).as_secs_f64());
         Ok((info, secs))
