@@ -67,10 +67,7 @@ impl ImageWriter {
             .map_err(|source| AssembleError::Create { path: out.into(), source })?;
         file.set_len(layout.disk_bytes).map_err(write_err)?;
         let root = (layout.root.offset_bytes(), layout.root.size_bytes());
-        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), root.0, root.1) {
-            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
-            Err(e) => return Err(write_err(e.into())),
-        }
+        crate::luks::reserve(&file, root.0, root.1).map_err(write_err)?;
         write_gpt(&mut file, out, layout)?;
         let esp = (layout.esp.offset_bytes(), layout.esp.size_bytes());
         Ok(Self { tmp, file, out: out.into(), bytes: layout.disk_bytes, root, esp })

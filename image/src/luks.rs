@@ -187,18 +187,24 @@ pub fn encrypt(
     Ok(header.info.clone())
 }
 
-/// Allocates `part` in its file (on ext4: unwritten extents, no data written), so that running
-/// out of space is an error up front. File systems without `fallocate` are written as they are.
+/// Allocates `part` in its file, so that running out of space is an error up front.
 fn allocate(part: Partition<'_>) -> Result<(), LuksError> {
-    match rustix::fs::fallocate(part.file, rustix::fs::FallocateFlags::empty(), part.offset, part.bytes) {
+    reserve(part.file, part.offset, part.bytes)
+        .map_err(|source| LuksError::Io { path: part.path.into(), source })
+}
+
+/// `fallocate` of `len` bytes from `offset` (on ext4: unwritten extents, no data written); a
+/// file system without it is written as it is.
+pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), offset, len) {
         Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(e) => Err(LuksError::Io { path: part.path.into(), source: e.into() }),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// The keyslot must cost what was asked. Debian's libcryptsetup silently lowers argon2id's
-/// memory to half of the free memory on machines without swap (Debian bug 1028250; seen here
-/// once: 503280 KiB for 524288, with the page cache holding most of the RAM), which would ship
+/// memory to half of the free memory on machines without swap (Debian bug 1028250; seen here:
+/// 503280, 386896 and 372618 KiB for 524288, with the page cache holding most of the RAM), which would ship
 /// an image that is cheaper to attack than its config says. Lanes are not compared: the library
 /// caps them at the build machine's CPUs, which changes the derived key but not the cost.
 fn check_kdf(asked: &KdfParams, got: &PbkdfInfo) -> Result<(), LuksError> {

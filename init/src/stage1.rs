@@ -82,10 +82,7 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     // The shutdown root's copy of the initramfs needs nothing but /run: it is made while the
     // prompt waits (and the KDF runs) instead of after the unlock, where it held up stage 2 by
     // ~150 ms under emulation. The step's time is what the boot still waited for it.
-    let saving = std::thread::Builder::new().name("save-initramfs".into()).spawn(|| {
-        let t = Instant::now();
-        mounts::save_initramfs().map(|bytes| (bytes, t.elapsed()))
-    });
+    let saving = std::thread::Builder::new().name("save-initramfs".into()).spawn(save_initramfs_timed);
     let pass = step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
     leftover.finish(c);
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
@@ -95,10 +92,7 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     let saved = step(c, "save-initramfs", || match saving {
         Ok(thread) => thread.join().unwrap_or(Err(mounts::MountError::ThreadPanicked)),
         // No thread to be had: copy now.
-        Err(_) => {
-            let t = Instant::now();
-            mounts::save_initramfs().map(|bytes| (bytes, t.elapsed()))
-        }
+        Err(_) => save_initramfs_timed(),
     });
     match saved {
         Ok((bytes, took)) => c.line(&format!(
@@ -111,6 +105,12 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     }
     c.line(&format!("cloister: switching to {STAGE2_PATH} at {} ms since boot", clock::boot_ms()));
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
+}
+
+/// The bytes copied for the shutdown root and how long the copy took.
+fn save_initramfs_timed() -> Result<(u64, Duration), mounts::MountError> {
+    let t = Instant::now();
+    mounts::save_initramfs().map(|bytes| (bytes, t.elapsed()))
 }
 
 type Passphrase = zeroize::Zeroizing<Vec<u8>>;
