@@ -36,12 +36,12 @@ const KEY_BYTES: usize = 64;
 const KEYSLOT: u32 = 0;
 /// What a worker takes from the shared counter at a time, and the unit of progress.
 const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// Two workers on two cores: the writes into one file serialize on its inode lock, so a third
+/// only waited (2-3 threads measured alike, 4 slower).
 const THREADS: usize = 2;
 /// What a thread reads, encrypts and writes in one go within its chunk: small enough to stay in
 /// the CPU cache between the copy in, the cipher and the copy out. Measured on tmpfs here:
 /// 64 KiB pieces read 4-5 times faster than 128 KiB or more.
-/// Two workers on two cores: the writes into one file serialize on its inode lock, so a third
-/// only waited (2-3 threads measured alike, 4 slower).
 const PIECE_BYTES: u64 = 64 * 1024;
 
 /// Argon2id cost. `iterations: Some(n)` pins the cost (no benchmark: reproducible, and cheap in
@@ -204,9 +204,10 @@ pub(crate) fn reserve(file: &File, offset: u64, len: u64) -> std::io::Result<()>
 
 /// The keyslot must cost what was asked. Debian's libcryptsetup silently lowers argon2id's
 /// memory to half of the free memory on machines without swap (Debian bug 1028250; seen here:
-/// 503280, 386896 and 372618 KiB for 524288, with the page cache holding most of the RAM), which would ship
-/// an image that is cheaper to attack than its config says. Lanes are not compared: the library
-/// caps them at the build machine's CPUs, which changes the derived key but not the cost.
+/// 503280, 386896 and 372618 KiB for 524288, with the page cache holding most of the RAM),
+/// which would ship an image that is cheaper to attack than its config says. Lanes are not
+/// compared: the library caps them at the build machine's CPUs, which changes the derived key
+/// but not the cost.
 fn check_kdf(asked: &KdfParams, got: &PbkdfInfo) -> Result<(), LuksError> {
     let iterations_ok = asked.iterations.is_none_or(|n| n == got.iterations);
     if got.kind == "argon2id" && got.memory_kib == asked.memory_kib && iterations_ok {

@@ -219,8 +219,9 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
     let layout =
         Layout::plan(plan.config.image.size_mib, plan.config.image.esp_size_mib, LayoutUuids::random())?;
     let work = WorkDir::create(&plan.output, layout.root.size_bytes(), plan.keep_work)?;
-    // The output's space first (a full disk fails before any work), then the KDF, while the build has not yet filled tmpfs and the page cache: libcryptsetup
-    // caps its memory by the free RAM on machines without swap (see `luks::format`).
+    // The output's space first (a full disk fails before any work), then the KDF, while the
+    // build has not yet filled tmpfs and the page cache: libcryptsetup caps its memory by the
+    // free RAM on machines without swap (see `luks::format`).
     let writer =
         phase(&mut timings, "reserve", || Ok(cloister_image::ImageWriter::create(&plan.output, &layout)?))?;
     let header = phase(&mut timings, "kdf", || {
@@ -270,7 +271,8 @@ pub fn run_all(plan: &Plan, passphrase: &Secret) -> Result<Summary> {
     })?;
     phase(&mut timings, "esp", || Ok(writer.write_esp(&[("EFI/BOOT/BOOTX64.EFI", uki.as_path())])?))?;
     let (luks, data_pass) = phase(&mut timings, "luks", || {
-        let mut bar = Progress::new("encrypt", root_bytes, true);
+        // Progress counts the data segment: the partition less its header.
+        let mut bar = Progress::new("encrypt", root_bytes - LUKS_RESERVE_BYTES, true);
         // The data pass alone (first to last progress report), apart from the KDF's seconds,
         // for comparing our throughput with the cipher's.
         let mut pass_span: Option<(Instant, Instant)> = None;
