@@ -34,6 +34,7 @@ mod network;
 mod passphrase;
 mod passwd;
 mod power;
+mod prefetch;
 mod root;
 mod sandbox;
 mod sessions;

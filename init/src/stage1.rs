@@ -12,7 +12,7 @@ use cloister_proto::{marker, MODULES_DISK_LIST, MODULES_UNLOCK_LIST, ROOT_MAPPIN
 use crate::cmdline::Cmdline;
 use crate::console::Consoles;
 use crate::unlock::{Luks, UnlockError};
-use crate::{clock, kmod, mounts, passphrase, power, root};
+use crate::{clock, kmod, mounts, passphrase, power, prefetch, root};
 
 /// How long to wait for the root partition to appear.
 const ROOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,6 +87,12 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     leftover.finish(c);
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
+    let queued = prefetch::stage2(std::path::Path::new(mounts::SYSROOT), STAGE2_PATH);
+    c.line(&format!(
+        "cloister: reading ahead stage 2's {} files ({} KiB)",
+        queued.files,
+        queued.bytes / 1024
+    ));
     grow_root(c, &cmdline, &dev, &pass);
     drop(pass);
     let saved = step(c, "save-initramfs", || match saving {
