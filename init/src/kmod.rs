@@ -66,7 +66,9 @@ pub struct ListLoad {
 /// - `cpu:<flag>`: the modules need this CPU feature (a `/proc/cpuinfo` flag) and fail to load
 ///   without it, after the kernel has spent the time to link them (`aesni_intel` without
 ///   AES-NI: 0.3 s under emulation);
-/// - `input`: the group drives keyboards too, so stage 1 still loads it once the root is found.
+/// - `input`: the group drives keyboards too, so stage 1 still loads it once the root is found;
+/// - `mount`: only mounting the unlocked root needs the group (XFS), not mapping it, so stage 1
+///   waits for it just before the mount instead of before the mapping.
 pub const GROUP_MARK: &str = "# group ";
 
 /// One group of a modules list.
@@ -79,6 +81,8 @@ pub struct Group {
     pub cpu: Vec<String>,
     /// Whether keyboards may need the group.
     pub input: bool,
+    /// Whether only the mount of the unlocked root needs the group.
+    pub mount: bool,
     pub modules: Vec<String>,
 }
 
@@ -116,6 +120,8 @@ pub fn parse_groups(text: &str) -> Vec<Group> {
                     group.cpu.push(flag.to_string());
                 } else if word == "input" {
                     group.input = true;
+                } else if word == "mount" {
+                    group.mount = true;
                 } else {
                     group.pci.push(word.to_string());
                 }
@@ -260,6 +266,9 @@ mod tests {
         assert_eq!(groups[1].missing_cpu_flag(&["fpu", "aes", "avx"]), None);
         assert_eq!(groups[1].missing_cpu_flag(&["fpu", "aes"]), Some("avx"));
         assert_eq!(groups[0].missing_cpu_flag(&[]), None);
+        assert!(!groups[0].mount && !groups[1].mount);
+        let xfs = &parse_groups("# group xfs mount\nxfs.ko\n")[0];
+        assert!(xfs.mount && xfs.pci.is_empty(), "mount is no PCI match");
     }
 
     #[test]

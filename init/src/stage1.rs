@@ -85,13 +85,19 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     let saving = std::thread::Builder::new().name("save-initramfs".into()).spawn(save_initramfs_timed);
     let pass = step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
     leftover.finish(c);
+    // Prints its own step line, with the time waited.
+    unlock_modules
+        .finish(c, Need::Mount)
+        .map_err(|e| Fatal { step: Need::Mount.step(), error: e.to_string() })?;
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
+    let queuing = Instant::now();
     let queued = prefetch::stage2(std::path::Path::new(mounts::SYSROOT), STAGE2_PATH);
     c.line(&format!(
-        "cloister: reading ahead stage 2's {} files ({} KiB)",
+        "cloister: reading ahead stage 2's {} files ({} KiB, queued in {} ms)",
         queued.files,
-        queued.bytes / 1024
+        queued.bytes / 1024,
+        queuing.elapsed().as_millis()
     ));
     grow_root(c, &cmdline, &dev, &pass);
     drop(pass);
@@ -109,7 +115,7 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
         Err(e) => c.line(&format!("cloister: {}: {}", e.step, e.error)),
     }
-    c.line(&format!("cloister: switching to {STAGE2_PATH} at {} ms since boot", clock::boot_ms()));
+    c.line(&format!("{} {STAGE2_PATH} at {} ms since boot", marker::SWITCHING, clock::boot_ms()));
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
 }
 
@@ -220,18 +226,44 @@ impl Leftover {
 /// The unlock modules (`modules.unlock`: dm-crypt, its cipher, XFS), each group of the list on
 /// a thread of its own, all started before the disk drivers: xfs.ko alone takes over a second
 /// to link under emulation, and on its own thread it waits behind nothing. A group whose CPU
-/// flag this CPU lacks is not loaded at all. [`Background::finish`] waits for them once.
+/// flag this CPU lacks is not loaded at all. [`Background::finish`] waits for what a [`Need`]
+/// needs, once.
 struct Background {
     list: &'static str,
     started: Instant,
-    /// Taken by the first [`Background::finish`].
-    loads: Option<Result<Vec<GroupLoad>, kmod::KmodError>>,
+    /// The groups not waited for yet.
+    loads: Vec<GroupLoad>,
+    /// Why no group loads (unreadable list), for the first [`Background::finish`].
+    error: Option<kmod::KmodError>,
     skipped: Vec<String>,
+    finished: Vec<Need>,
+}
+
+/// What a wait for [`Background`] is for: mapping the unlocked root (dm-crypt and its cipher),
+/// or mounting it (also the `mount` groups: XFS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Map,
+    Mount,
+}
+
+impl Need {
+    fn step(self) -> &'static str {
+        match self {
+            Need::Map => "unlock-modules",
+            Need::Mount => "mount-modules",
+        }
+    }
+
+    fn waits_for(self, group: &GroupLoad) -> bool {
+        self == Need::Mount || !group.mount
+    }
 }
 
 /// One group loading on its own thread; the thread returns what it said and how long it took.
 struct GroupLoad {
     name: String,
+    mount: bool,
     handle: std::thread::JoinHandle<(kmod::ListLoad, u128)>,
 }
 
@@ -239,27 +271,11 @@ impl Background {
     fn start(list: &'static str) -> Self {
         let started = Instant::now();
         let mut skipped = Vec::new();
-        let loads = Self::groups(list).map(|(dir, groups)| {
-            // Unreadable: every group loads, as it would on a CPU that has every flag.
-            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
-            let flags = cpuinfo.as_deref().map(kmod::cpu_flags);
-            let mut loads = Vec::new();
-            for group in groups {
-                if let Some(flag) = flags.as_deref().and_then(|f| group.missing_cpu_flag(f)) {
-                    skipped.push(format!("cloister: modules {} skipped: the CPU has no {flag}", group.name));
-                    continue;
-                }
-                let dir = dir.clone();
-                let handle = std::thread::spawn(move || {
-                    let t = Instant::now();
-                    let rels: Vec<&str> = group.modules.iter().map(String::as_str).collect();
-                    (kmod::load_paths(&dir, &rels, None), t.elapsed().as_millis())
-                });
-                loads.push(GroupLoad { name: group.name, handle });
-            }
-            loads
-        });
-        Self { list, started, loads: Some(loads), skipped }
+        let (loads, error) = match Self::groups(list) {
+            Ok((dir, groups)) => (Self::spawn(&dir, groups, &mut skipped), None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        Self { list, started, loads, error, skipped, finished: Vec::new() }
     }
 
     fn groups(list: &str) -> Result<(PathBuf, Vec<kmod::Group>), kmod::KmodError> {
@@ -269,16 +285,53 @@ impl Background {
         Ok((dir, kmod::parse_groups(&text)))
     }
 
-    /// Waits for the loads (only the first call does), then prints what they said, how long
-    /// each group took, how long the whole took and how long we had to wait for it.
-    fn finish(&mut self, c: &Consoles) -> Result<(), UnlockStepError> {
-        let Some(loads) = self.loads.take() else { return Ok(()) };
-        let loads = loads.map_err(UnlockStepError::Modules)?;
+    fn spawn(dir: &std::path::Path, groups: Vec<kmod::Group>, skipped: &mut Vec<String>) -> Vec<GroupLoad> {
+        // Unreadable: every group loads, as it would on a CPU that has every flag.
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
+        let flags = cpuinfo.as_deref().map(kmod::cpu_flags);
+        let mut loads = Vec::new();
+        for group in groups {
+            if let Some(flag) = flags.as_deref().and_then(|f| group.missing_cpu_flag(f)) {
+                skipped.push(format!("cloister: modules {} skipped: the CPU has no {flag}", group.name));
+                continue;
+            }
+            let dir = dir.to_owned();
+            let (name, mount) = (group.name.clone(), group.mount);
+            let handle = std::thread::spawn(move || {
+                let t = Instant::now();
+                // Nothing waits for these before the KDF is done: until then the disk drivers,
+                // the LUKS header and the KDF get the CPUs first, and the loads take the rest
+                // (the prompt's wait; the CPU a one-lane KDF leaves).
+                let demoted = crate::sys::lowest_cpu_priority().err();
+                let rels: Vec<&str> = group.modules.iter().map(String::as_str).collect();
+                let mut load = kmod::load_paths(&dir, &rels, None);
+                load.messages
+                    .extend(demoted.map(|e| format!("cloister: modules {}: nice 19: {e}", group.name)));
+                (load, t.elapsed().as_millis())
+            });
+            loads.push(GroupLoad { name, mount, handle });
+        }
+        loads
+    }
+
+    /// Waits for the groups `need` needs (only the first call for each need does), then prints
+    /// what they said, how long each group took, how long since the loads began and how long
+    /// we had to wait.
+    fn finish(&mut self, c: &Consoles, need: Need) -> Result<(), UnlockStepError> {
+        if self.finished.contains(&need) {
+            return Ok(());
+        }
+        self.finished.push(need);
+        if let Some(e) = self.error.take() {
+            return Err(UnlockStepError::Modules(e));
+        }
         let waiting = Instant::now();
         for m in self.skipped.drain(..) {
             c.line(&m);
         }
-        for load in loads {
+        let (now, later) = std::mem::take(&mut self.loads).into_iter().partition(|l| need.waits_for(l));
+        self.loads = later;
+        for load in now {
             let (done, ms) = load.handle.join().map_err(|_| UnlockStepError::ModulesThread(self.list))?;
             for m in &done.messages {
                 c.line(m);
@@ -286,7 +339,8 @@ impl Background {
             c.line(&format!("cloister: modules {}: {} loaded in {ms} ms", load.name, done.loaded));
         }
         c.line(&format!(
-            "step unlock-modules: ok ({} ms, {} ms of it waited for)",
+            "step {}: ok ({} ms, {} ms of it waited for)",
+            need.step(),
             self.started.elapsed().as_millis(),
             waiting.elapsed().as_millis()
         ));
@@ -358,11 +412,20 @@ fn unlock(
     let mut failures = 0u32;
     loop {
         c.line(&format!("cloister: asking for the passphrase at {} ms since boot", clock::boot_ms()));
+        let asked = Instant::now();
         let pass = passphrase::ask(c, &dev.display().to_string())?;
-        // dm-crypt must be in the kernel before the mapping can be made.
-        modules.finish(c)?;
-        match luks.activate(ROOT_MAPPING, &pass) {
-            Ok(()) => return Ok(pass),
+        c.line(&format!("{} {} ms", marker::PASSPHRASE_READ, asked.elapsed().as_millis()));
+        // The KDF needs no module: dm-crypt and its cipher go on loading beside it (one lane
+        // leaves a CPU), and only the mapping waits for them.
+        let trying = Instant::now();
+        let tried = luks.volume_key(&pass);
+        c.line(&format!("{} {} ms", marker::KEY_SLOT_TRIED, trying.elapsed().as_millis()));
+        match tried {
+            Ok(key) => {
+                modules.finish(c, Need::Map)?;
+                luks.activate(ROOT_MAPPING, &key)?;
+                return Ok(pass);
+            }
             Err(UnlockError::WrongPassphrase) => {
                 failures = failures.saturating_add(1);
                 c.line(marker::WRONG_PASSPHRASE);

@@ -1,12 +1,15 @@
 //! Opening the LUKS2 root with libcryptsetup: load the header once, then try passphrases until
-//! one activates `/dev/mapper/cloister-root`. Wrong passphrases are told apart from real failures
-//! so the caller can ask again.
+//! one opens a key slot, then activate `/dev/mapper/cloister-root` with the volume key it gave.
+//! The two steps are apart so that the KDF needs no device-mapper (stage 1 runs it while
+//! dm-crypt and its cipher still load). Wrong passphrases are told apart from real failures so
+//! the caller can ask again.
 
 use std::path::{Path, PathBuf};
 
 use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate};
 use libcryptsetup_rs::consts::vals::EncryptionFormat;
 use libcryptsetup_rs::{CryptDevice, CryptInit, LibcryptErr};
+use zeroize::Zeroizing;
 
 /// Lock directory libcryptsetup insists on.
 pub const LOCK_DIR: &str = "/run/cryptsetup";
@@ -23,6 +26,8 @@ pub enum UnlockError {
     Deactivate { name: &'static str, source: LibcryptErr },
     #[error("wrong passphrase")]
     WrongPassphrase,
+    #[error("open a key slot of {dev}: {source}")]
+    VolumeKey { dev: PathBuf, source: LibcryptErr },
     #[error("activate {dev} as {name}: {source}")]
     Activate { dev: PathBuf, name: &'static str, source: LibcryptErr },
 }
@@ -44,14 +49,32 @@ impl Luks {
         Ok(Luks { dev: dev.to_owned(), device })
     }
 
-    /// Activates the mapping `name`. libcryptsetup answers EPERM when no keyslot opens.
-    pub fn activate(&mut self, name: &'static str, passphrase: &[u8]) -> Result<(), UnlockError> {
-        self.activate_as(Some(name), passphrase).map(drop)
+    /// The volume key a key slot gives for `passphrase` (the KDF's work; nothing is activated).
+    pub fn volume_key(&mut self, passphrase: &[u8]) -> Result<VolumeKey, UnlockError> {
+        let size = usize::try_from(self.device.status_handle().get_volume_key_size()).unwrap_or(0);
+        let mut key = Zeroizing::new(vec![0u8; size]);
+        match self.device.volume_key_handle().get(None, &mut key, Some(passphrase)) {
+            Ok((_slot, len)) => {
+                key.truncate(len);
+                Ok(VolumeKey(key))
+            }
+            Err(e) if is_wrong_passphrase(&e) => Err(UnlockError::WrongPassphrase),
+            Err(source) => Err(UnlockError::VolumeKey { dev: self.dev.clone(), source }),
+        }
+    }
+
+    /// Activates the mapping `name` with a key [`Luks::volume_key`] gave (libcryptsetup checks
+    /// it against the header's digest first).
+    pub fn activate(&mut self, name: &'static str, key: &VolumeKey) -> Result<(), UnlockError> {
+        self.device
+            .activate_handle()
+            .activate_by_volume_key(Some(name), Some(&key.0), CryptActivate::empty())
+            .map_err(|source| UnlockError::Activate { dev: self.dev.clone(), name, source })
     }
 
     /// The keyslot `passphrase` opens (checked only: nothing is activated), `None` for none.
     pub fn slot_of(&mut self, passphrase: &[u8]) -> Result<Option<u32>, UnlockError> {
-        match self.activate_as(None, passphrase) {
+        match self.check(passphrase) {
             Ok(slot) => Ok(Some(slot)),
             Err(UnlockError::WrongPassphrase) => Ok(None),
             Err(e) => Err(e),
@@ -62,21 +85,25 @@ impl Luks {
         &mut self.device
     }
 
-    /// With no name, libcryptsetup only checks the passphrase (no device-mapper needed).
-    /// Returns the keyslot that opened.
-    fn activate_as(&mut self, name: Option<&'static str>, passphrase: &[u8]) -> Result<u32, UnlockError> {
+    /// Checks `passphrase` against the key slots (no device-mapper needed); returns the slot
+    /// that opened.
+    fn check(&mut self, passphrase: &[u8]) -> Result<u32, UnlockError> {
         let handle = &mut self.device.activate_handle();
-        match handle.activate_by_passphrase(name, None, passphrase, CryptActivate::empty()) {
+        match handle.activate_by_passphrase(None, None, passphrase, CryptActivate::empty()) {
             Ok(slot) => Ok(slot),
-            Err(LibcryptErr::IOError(e)) if e.raw_os_error() == Some(nix::libc::EPERM) => {
-                Err(UnlockError::WrongPassphrase)
-            }
-            Err(source) => {
-                Err(UnlockError::Activate { dev: self.dev.clone(), name: name.unwrap_or("-"), source })
-            }
+            Err(e) if is_wrong_passphrase(&e) => Err(UnlockError::WrongPassphrase),
+            Err(source) => Err(UnlockError::Activate { dev: self.dev.clone(), name: "-", source }),
         }
     }
 }
+
+/// libcryptsetup answers EPERM when no key slot opens with a passphrase.
+fn is_wrong_passphrase(e: &LibcryptErr) -> bool {
+    matches!(e, LibcryptErr::IOError(e) if e.raw_os_error() == Some(nix::libc::EPERM))
+}
+
+/// A LUKS volume key, wiped when dropped.
+pub struct VolumeKey(Zeroizing<Vec<u8>>);
 
 /// The device under the open mapping `name` (the LUKS container it was opened from).
 pub fn device_of(name: &'static str) -> Result<PathBuf, UnlockError> {
@@ -120,8 +147,14 @@ mod tests {
         child.stdin.take().unwrap().write_all(b"right").unwrap();
         assert!(child.wait().unwrap().success());
         let mut luks = Luks::open(&img).unwrap();
-        assert!(matches!(luks.activate_as(None, b"wrong"), Err(UnlockError::WrongPassphrase)));
-        assert!(luks.activate_as(None, b"right").is_ok());
+        assert!(matches!(luks.check(b"wrong"), Err(UnlockError::WrongPassphrase)));
+        assert!(luks.check(b"right").is_ok());
+        assert!(matches!(luks.volume_key(b"wrong"), Err(UnlockError::WrongPassphrase)));
+        let key = luks.volume_key(b"right").unwrap();
+        assert_eq!(key.0.len(), 64, "cryptsetup's default aes-xts-plain64 key is 512 bits");
+        let mut again = Luks::open(&img).unwrap();
+        let verified = again.device().volume_key_handle().verify(&key.0);
+        assert!(verified.is_ok(), "the key is the volume's: {verified:?}");
     }
 
     #[test]

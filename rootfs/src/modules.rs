@@ -64,9 +64,9 @@ pub struct ModuleGroup {
 /// aes-xts-plain64 needs no hash (LUKS key slots are opened in userspace). `aesni_intel` fails
 /// to load on CPUs without AES-NI (QEMU's older CPU models; TCG's `max` emulates it), after
 /// 0.3 s of linking under emulation: its group says `cpu:aes` and stage 1 does not try it
-/// there; the built-in `aes_generic` serves.
+/// there; the built-in `aes_generic` serves. XFS is `mount`: the mapping need not wait for it.
 pub const UNLOCK_MODULE_GROUPS: &[ModuleGroup] = &[
-    ModuleGroup { name: "xfs", words: &[], modules: &["xfs", "crc32c_intel"] },
+    ModuleGroup { name: "xfs", words: &["mount"], modules: &["xfs", "crc32c_intel"] },
     ModuleGroup { name: "dm-crypt", words: &[], modules: &["dm_mod", "dm_crypt", "xts"] },
     ModuleGroup { name: "aesni", words: &["cpu:aes"], modules: &["aesni_intel"] },
 ];

@@ -36,6 +36,14 @@ pub mod marker {
     pub const STAGE1_STARTED: &str = "cloister: stage1 started";
     /// Printed (without newline) before reading the passphrase; followed by the disk name and ": ".
     pub const PASSPHRASE_PROMPT: &str = "Passphrase for ";
+    /// Printed once a passphrase was read: `cloister: passphrase read after <n> ms` (from the
+    /// prompt: the typist's time, which the boot bench does not count as ours).
+    pub const PASSPHRASE_READ: &str = "cloister: passphrase read after";
+    /// Printed after each attempt to open the root with a passphrase:
+    /// `cloister: key slot tried in <n> ms` (the KDF; the mapping is made after it).
+    pub const KEY_SLOT_TRIED: &str = "cloister: key slot tried in";
+    /// Stage 1's last line: `cloister: switching to <stage 2> at <n> ms since boot`.
+    pub const SWITCHING: &str = "cloister: switching to";
     /// Printed when a passphrase did not open the root; the prompt follows again.
     pub const WRONG_PASSPHRASE: &str = "cloister: wrong passphrase";
     /// Printed by stage 2 once it runs from the unlocked root:
