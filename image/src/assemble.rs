@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::direct::{self, AlignedBuf};
 use crate::esp::{write_esp, EspError};
 use crate::gpt::{write_gpt, GptWriteError};
 use crate::layout::Layout;
 use crate::luks::Partition;
-
-const CHUNK: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSummary {
@@ -85,19 +84,17 @@ impl ImageWriter {
     }
 
     /// Syncs, hashes, renames onto the output path and writes `<out>.sha256` and the block map
-    /// `<out>.bmap` beside it. The sync and the two hashing passes (the whole image; each data
-    /// range for the map) run side by side: each alone takes about as long as the others.
+    /// `<out>.bmap` beside it. The sync runs beside one read of the image that feeds both
+    /// hashes (the whole image; each data range for the map).
     pub fn finish(self) -> Result<ImageSummary, AssembleError> {
         let write_err = |source| AssembleError::Write { path: self.out.clone(), source };
-        let (synced, sha256, bmap) = std::thread::scope(|s| {
+        let (synced, hashed) = std::thread::scope(|s| {
             let synced = s.spawn(|| self.file.sync_all());
-            let sha256 = s.spawn(|| hash(&self.file));
-            let bmap = cloister_bmap::map_image(&self.file);
-            (join(synced), join(sha256), bmap)
+            let hashed = hash_and_map(&self.file);
+            (join(synced), hashed)
         });
         synced.map_err(write_err)?;
-        let sha256 = sha256.map_err(write_err)?;
-        let bmap = bmap.map_err(write_err)?;
+        let (sha256, bmap) = hashed.map_err(write_err)?;
         let Self { tmp, file, out, bytes, .. } = self;
         drop(file);
         tmp.commit(&out)?;
@@ -119,22 +116,74 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
     out.with_file_name(name)
 }
 
-fn hash(image: &File) -> io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
+/// The image's SHA256 and block map from one read of it, in [`READ_BYTES`] blocks read directly
+/// into two reused buffers (the image was just written: through the page cache, the read would
+/// fill fresh pages again): while two threads hash one block, for the image and for the map,
+/// this one reads the next.
+fn hash_and_map(image: &File) -> io::Result<(String, cloister_bmap::Bmap)> {
+    let size = image.metadata()?.len();
+    let mut mapper = cloister_bmap::Mapper::new(image)?;
+    let direct = direct::reopen(image, direct::Access::Read);
+    let source = Source { buffered: image, direct: direct.as_ref() };
+    let mut whole = Sha256::new();
+    let (mut cur, mut next) = (AlignedBuf::new(READ_BYTES), AlignedBuf::new(READ_BYTES));
     let mut at = 0;
-    loop {
-        let n = match image.read_at(&mut buf, at) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => r?,
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        at += n as u64;
+    let mut filled = source.read(cur.as_mut_slice(), at, size)?;
+    while filled > 0 {
+        let block = &cur.as_slice()[..filled];
+        let following = std::thread::scope(|s| {
+            let image_hash = s.spawn(|| whole.update(block));
+            let map_hash = s.spawn(|| mapper.feed(at, block));
+            let following = source.read(next.as_mut_slice(), at + filled as u64, size);
+            join(image_hash);
+            join(map_hash);
+            following
+        })?;
+        at += filled as u64;
+        filled = following;
+        std::mem::swap(&mut cur, &mut next);
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok((hex::encode(whole.finalize()), mapper.finish()?))
+}
+
+/// What to read a block with and how big one is.
+const READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// The image, and the same file opened for direct reads where the file system has them.
+struct Source<'a> {
+    buffered: &'a File,
+    direct: Option<&'a File>,
+}
+
+impl Source<'_> {
+    /// Fills `buf` from `at`, or up to the image's end (`size`); returns the bytes read.
+    fn read(&self, buf: &mut [u8], at: u64, size: u64) -> io::Result<usize> {
+        let want = (size.saturating_sub(at)).min(buf.len() as u64) as usize;
+        // A direct read asks for whole blocks; past the end the kernel only returns less.
+        let asked = want.next_multiple_of(direct::ALIGN).min(buf.len());
+        if let (Some(direct), true) = (self.direct, direct::aligned(&buf[..asked], at)) {
+            match read_fully(direct, &mut buf[..asked], at) {
+                Ok(n) => return Ok(n.min(want)),
+                Err(e) if direct::refused(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        read_fully(self.buffered, &mut buf[..want], at)
+    }
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_fully(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], at + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// `<hex>  <file name>\n`, the format `sha256sum -c` reads, next to the image.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod assemble;
+mod direct;
 pub use cloister_bmap as bmap;
 pub mod esp;
 pub mod gpt;

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::direct::{self, AlignedBuf};
+
 /// How much smaller than its partition a filesystem must be: the size of the LUKS2 header.
 pub const LUKS_RESERVE_BYTES: u64 = HEADER_BYTES;
 const HEADER_BYTES: u64 = 16 * 1024 * 1024;
@@ -36,11 +38,13 @@ const KEY_BYTES: usize = 64;
 const KEYSLOT: u32 = 0;
 /// What a worker takes from the shared counter at a time, and the unit of progress.
 const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
-/// Two workers on two cores: the writes into one file serialize on its inode lock, so a third
-/// only waited (2-3 threads measured alike, 4 slower).
+/// Two workers on two cores, each writing its whole chunk with one direct write. Direct writes
+/// into the fallocated (unwritten) range still take turns on the inode lock, where ext4 marks
+/// the extents written, so more workers only wait: for the default 1.5 GiB root, 2, 3, 4 and
+/// 6 workers took 0.55-0.62, 0.81-0.84, 0.68-0.71 and 0.67-0.75 s.
 const THREADS: usize = 2;
-/// What a thread reads, encrypts and writes in one go within its chunk: small enough to stay in
-/// the CPU cache between the copy in, the cipher and the copy out. Measured on tmpfs here:
+/// What a thread reads and encrypts in one go within its chunk: small enough to stay in the
+/// CPU cache between the copy in and the cipher. Measured on tmpfs here:
 /// 64 KiB pieces read 4-5 times faster than 128 KiB or more.
 const PIECE_BYTES: u64 = 64 * 1024;
 
@@ -277,6 +281,8 @@ fn encrypt_data(
     report: &mut dyn FnMut(u64, u64),
 ) -> Result<(), LuksError> {
     let mut workers = (0..THREADS).map(|_| Worker::new(key, plain)).collect::<Result<Vec<_>, _>>()?;
+    let direct = direct::reopen(out.file, direct::Access::Write);
+    let out = Output { part: out, direct: direct.as_ref() };
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<u64>();
@@ -299,12 +305,38 @@ fn encrypt_data(
         let mut done = 0;
         for bytes in done_rx {
             done += bytes;
-            report(done, out.bytes);
+            report(done, out.part.bytes);
         }
         handles
             .into_iter()
             .try_for_each(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
     })
+}
+
+/// Where the ciphertext goes: the partition, and the same file opened again for direct writes
+/// where the file system allows them (see [`crate::direct`]): a whole chunk goes from the
+/// worker's buffer to the device in one write.
+#[derive(Clone, Copy)]
+struct Output<'a> {
+    part: Partition<'a>,
+    direct: Option<&'a File>,
+}
+
+impl Output<'_> {
+    /// Writes `buf` at `offset` in the partition: directly when it can, else through the page
+    /// cache.
+    fn write(&self, buf: &[u8], offset: u64) -> Result<(), LuksError> {
+        let at = self.part.offset + offset;
+        let io_err = |source| LuksError::Io { path: self.part.path.into(), source };
+        if let (Some(direct), true) = (self.direct, direct::aligned(buf, at)) {
+            match direct.write_all_at(buf, at) {
+                Ok(()) => return Ok(()),
+                Err(e) if direct::refused(&e) => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        self.part.file.write_all_at(buf, at).map_err(io_err)
+    }
 }
 
 /// The plain filesystem image, read with `pread(2)` where it has data.
@@ -348,10 +380,11 @@ impl Input<'_> {
     }
 }
 
-/// One thread's cipher context (keyed once, re-initialised with a new IV per sector) and buffer.
+/// One thread's cipher context (keyed once, re-initialised with a new IV per sector) and a
+/// buffer for a whole chunk.
 struct Worker {
     ctx: CipherCtx,
-    buf: Zeroizing<Vec<u8>>,
+    buf: AlignedBuf,
 }
 
 impl Worker {
@@ -359,23 +392,23 @@ impl Worker {
         let cipher_err = |source| LuksError::Cipher { path: path.into(), source };
         let mut ctx = CipherCtx::new().map_err(cipher_err)?;
         ctx.encrypt_init(Some(Cipher::aes_256_xts()), Some(key), None).map_err(cipher_err)?;
-        Ok(Self { ctx, buf: Zeroizing::new(vec![0u8; PIECE_BYTES as usize]) })
+        Ok(Self { ctx, buf: AlignedBuf::new(CHUNK_BYTES as usize) })
     }
 
     fn run_chunks(
         &mut self,
         input: &Input<'_>,
-        out: Partition<'_>,
+        out: Output<'_>,
         next: &AtomicU64,
         failed: &AtomicBool,
         done: &Sender<u64>,
     ) -> Result<(), LuksError> {
         while !failed.load(Ordering::Relaxed) {
             let start = next.fetch_add(CHUNK_BYTES, Ordering::Relaxed);
-            if start >= out.bytes {
+            if start >= out.part.bytes {
                 break;
             }
-            let chunk = start..(start + CHUNK_BYTES).min(out.bytes);
+            let chunk = start..(start + CHUNK_BYTES).min(out.part.bytes);
             let len = chunk.end - chunk.start;
             self.run(input, out, chunk)?;
             // The receiver only goes away once every worker has ended.
@@ -384,26 +417,24 @@ impl Worker {
         Ok(())
     }
 
-    fn run(&mut self, input: &Input<'_>, out: Partition<'_>, chunk: Range<u64>) -> Result<(), LuksError> {
+    /// Encrypts `chunk` piece by piece into the buffer (each piece stays in the CPU cache from
+    /// the copy in to the cipher), then writes it with one call.
+    fn run(&mut self, input: &Input<'_>, out: Output<'_>, chunk: Range<u64>) -> Result<(), LuksError> {
         let cipher_err = |source| LuksError::Cipher { path: input.path.into(), source };
+        let buf = &mut self.buf.as_mut_slice()[..(chunk.end - chunk.start) as usize];
         let mut data_at = input.next_data(chunk.start)?;
         let mut lo = chunk.start;
-        while lo < chunk.end {
-            let hi = (lo + PIECE_BYTES).min(chunk.end);
-            let buf = &mut self.buf[..(hi - lo) as usize];
-            input.fill(buf, lo, data_at)?;
-            for (offset, sector) in (lo..).step_by(SECTOR).zip(buf.chunks_exact_mut(SECTOR)) {
+        for piece in buf.chunks_mut(PIECE_BYTES as usize) {
+            input.fill(piece, lo, data_at)?;
+            for (offset, sector) in (lo..).step_by(SECTOR).zip(piece.chunks_exact_mut(SECTOR)) {
                 encrypt_sector(&mut self.ctx, offset, sector).map_err(cipher_err)?;
             }
-            out.file
-                .write_all_at(buf, out.offset + lo)
-                .map_err(|source| LuksError::Io { path: out.path.into(), source })?;
-            lo = hi;
+            lo += piece.len() as u64;
             if data_at < lo {
                 data_at = input.next_data(lo)?;
             }
         }
-        Ok(())
+        out.write(buf, chunk.start)
     }
 }
 

@@ -141,17 +141,85 @@ pub fn write_bmap(image: &Path, out: &Path) -> Result<Bmap, BmapError> {
 
 /// The block map of an open image: its data ranges (`SEEK_DATA`/`SEEK_HOLE`), each hashed.
 pub fn map_image(file: &File) -> io::Result<Bmap> {
-    let image_size = file.metadata()?.len();
-    let blocks_count = image_size.div_ceil(BLOCK_SIZE);
-    let mut ranges = Vec::new();
-    for (first, last) in data_blocks(file, image_size)? {
-        let start = first * BLOCK_SIZE;
-        let end = ((last + 1) * BLOCK_SIZE).min(image_size);
-        let sha256 = hash_span(file, start, end - start)?;
-        ranges.push(BmapRange { first, last, sha256 });
+    let mut mapper = Mapper::new(file)?;
+    let mut buf = vec![0u8; HASH_CHUNK];
+    for (start, len) in mapper.spans() {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(HASH_CHUNK as u64) as usize;
+            file.read_exact_at(&mut buf[..n], start + done)?;
+            mapper.feed(start + done, &buf[..n]);
+            done += n as u64;
+        }
     }
-    let mapped_blocks = ranges.iter().map(|r| r.last - r.first + 1).sum();
-    Ok(Bmap { image_size, block_size: BLOCK_SIZE, blocks_count, mapped_blocks, ranges })
+    mapper.finish()
+}
+
+/// A block map made from the image's bytes as a caller reads them, so that one read of the
+/// image can serve this and other hashes too: [`Mapper::new`] finds the data ranges, each
+/// [`Mapper::feed`] hashes what of them it is given (in order, from the start of each range),
+/// [`Mapper::finish`] checks that every range was fed whole.
+pub struct Mapper {
+    image_size: u64,
+    blocks: Vec<(u64, u64)>,
+    /// The first range of `blocks` not finished yet, and its hash so far.
+    next: usize,
+    hasher: Sha256,
+    hashed: Vec<BmapRange>,
+}
+
+impl Mapper {
+    pub fn new(file: &File) -> io::Result<Self> {
+        let image_size = file.metadata()?.len();
+        let blocks = data_blocks(file, image_size)?;
+        Ok(Self { image_size, blocks, next: 0, hasher: Sha256::new(), hashed: Vec::new() })
+    }
+
+    /// The byte spans (offset, length) that hold data: what [`Mapper::feed`] needs.
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.blocks.iter().map(|&b| self.span(b)).map(|(start, end)| (start, end - start)).collect()
+    }
+
+    fn span(&self, (first, last): (u64, u64)) -> (u64, u64) {
+        (first * BLOCK_SIZE, ((last + 1) * BLOCK_SIZE).min(self.image_size))
+    }
+
+    /// The image's bytes at `offset`; bytes outside the data ranges are passed over.
+    pub fn feed(&mut self, offset: u64, bytes: &[u8]) {
+        let end = offset + bytes.len() as u64;
+        while let Some(&range) = self.blocks.get(self.next) {
+            let (start, stop) = self.span(range);
+            if start >= end {
+                break;
+            }
+            let (lo, hi) = (start.max(offset), stop.min(end));
+            if lo < hi {
+                self.hasher.update(&bytes[(lo - offset) as usize..(hi - offset) as usize]);
+            }
+            if stop > end {
+                break;
+            }
+            let sha256 = format!("{:x}", std::mem::take(&mut self.hasher).finalize());
+            self.hashed.push(BmapRange { first: range.0, last: range.1, sha256 });
+            self.next += 1;
+        }
+    }
+
+    /// The map; an error if the image ended (was fed) before its last data range did.
+    pub fn finish(self) -> io::Result<Bmap> {
+        if self.next < self.blocks.len() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended inside a data range"));
+        }
+        let blocks_count = self.image_size.div_ceil(BLOCK_SIZE);
+        let mapped_blocks = self.hashed.iter().map(|r| r.last - r.first + 1).sum();
+        Ok(Bmap {
+            image_size: self.image_size,
+            block_size: BLOCK_SIZE,
+            blocks_count,
+            mapped_blocks,
+            ranges: self.hashed,
+        })
+    }
 }
 
 /// Writes `bmap` to `out` (temp file, fsync, rename, directory fsync: `out` never holds a
@@ -188,19 +256,6 @@ fn data_blocks(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         at = end;
     }
     Ok(out)
-}
-
-fn hash_span(file: &File, start: u64, len: u64) -> io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(HASH_CHUNK as u64) as usize;
-        file.read_exact_at(&mut buf[..n], start + done)?;
-        hasher.update(&buf[..n]);
-        done += n as u64;
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 fn write_atomically(out: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -340,6 +395,50 @@ fn attr<'a>(body: &'a str, open: &str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sparse file: data at block 0, blocks 5-6 and a short last block, holes between.
+    fn sparse_image(dir: &Path) -> File {
+        let path = dir.join("img");
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(64 * BLOCK_SIZE + 100).unwrap();
+        file.write_all_at(&[1u8; 4096], 0).unwrap();
+        file.write_all_at(&[2u8; 6000], 5 * BLOCK_SIZE).unwrap();
+        file.write_all_at(&[3u8; 100], 64 * BLOCK_SIZE).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_mapper_fed_the_whole_image_in_odd_pieces_maps_what_map_image_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = sparse_image(dir.path());
+        let expected = map_image(&file).unwrap();
+        assert!(expected.ranges.len() >= 2, "{:?}", expected.ranges);
+        let mut mapper = Mapper::new(&file).unwrap();
+        let size = file.metadata().unwrap().len();
+        let mut at = 0;
+        while at < size {
+            let mut piece = vec![0u8; (size - at).min(3000) as usize];
+            file.read_exact_at(&mut piece, at).unwrap();
+            mapper.feed(at, &piece);
+            at += piece.len() as u64;
+        }
+        let got = mapper.finish().unwrap();
+        assert_eq!(got.ranges, expected.ranges);
+        assert_eq!((got.mapped_blocks, got.blocks_count), (expected.mapped_blocks, expected.blocks_count));
+        let (start, len) = got.byte_span(&got.ranges[0]);
+        let mut first = vec![0u8; len as usize];
+        file.read_exact_at(&mut first, start).unwrap();
+        assert_eq!(got.ranges[0].sha256, format!("{:x}", Sha256::digest(&first)));
+    }
+
+    #[test]
+    fn a_mapper_not_fed_to_the_end_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = sparse_image(dir.path());
+        let mut mapper = Mapper::new(&file).unwrap();
+        mapper.feed(0, &[1u8; 4096]);
+        assert_eq!(mapper.finish().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn parse_reads_what_to_xml_writes() {
