@@ -24,6 +24,7 @@ pub use luks::{
     encrypt, format as format_luks, Header as LuksHeader, KdfParams, LuksError, LuksInfo, Partition,
     PbkdfInfo, LUKS_RESERVE_BYTES,
 };
+pub use luks::{warmup_header, WARMUP_HEADER_BYTES};
 pub use manifest::Manifest;
 pub use uki::{build_uki, UkiError, UkiSections, DEFAULT_STUB};
 pub use xfs::{mkfs_xfs, write_protofile, ProtoReport, XfsError};

@@ -22,6 +22,7 @@ mod firewall;
 mod gpt;
 mod grow;
 mod guard;
+mod handover;
 mod input;
 mod ioctl;
 mod kill_switch;

@@ -1,13 +1,23 @@
 //! The mounts PID 1 makes and moves: the API filesystems at start, the root on /sysroot, the
-//! switch into it (freeing the initramfs first) and the read-only remount at shutdown.
+//! switch into it (emptying the initramfs, or leaving that to the handover child) and the
+//! read-only remount at shutdown.
 
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use nix::dir::Dir;
+use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, MsFlags};
-use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+use nix::sys::stat::{fstatat, Mode, SFlag};
+use nix::sys::statfs::{fstatfs, FsType, TMPFS_MAGIC};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+use crate::handover::Handover;
 
 /// ramfs (the kernel's rootfs for an initramfs); nix does not name it.
 const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
@@ -90,9 +100,10 @@ pub fn mount_root(dev: &Path, fstype: &str) -> Result<(), MountError> {
         .map_err(|source| MountError::Mount { target: SYSROOT.into(), source })
 }
 
-/// Moves the API mounts into the new root, empties the initramfs, makes the new root `/` and
-/// execs `program` there. Returns only on failure.
-pub fn switch_root(program: &str, args: &[&str]) -> Result<Infallible, MountError> {
+/// Moves the API mounts into the new root, empties the initramfs unless `handover` left that to
+/// its child, makes the new root `/` and execs `program` there. Returns only on failure (and
+/// then drops `handover`, whose child stops before it empties anything).
+pub fn switch_root(program: &str, args: &[&str], handover: Handover) -> Result<Infallible, MountError> {
     guard::check("switch root")?;
     for m in API_MOUNTS {
         let to = PathBuf::from(format!("{SYSROOT}{m}"));
@@ -100,7 +111,9 @@ pub fn switch_root(program: &str, args: &[&str]) -> Result<Infallible, MountErro
         mount(Some(m), &to, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
             .map_err(|source| MountError::Move { from: m.into(), to, source })?;
     }
-    free_initramfs()?;
+    if handover.empty_here {
+        free_initramfs()?;
+    }
     let fs =
         |op: &'static str, path: &'static str| move |source| MountError::Fs { op, path: path.into(), source };
     nix::unistd::chdir(SYSROOT).map_err(fs("chdir", SYSROOT))?;
@@ -121,32 +134,50 @@ pub fn exec(program: &str, args: &[&str]) -> Result<Infallible, MountError> {
 }
 
 /// Deletes everything on the initramfs (not crossing into other mounts) so its RAM comes back.
-/// Refuses unless `/` really is a ramfs/tmpfs: on any other root this would wipe a disk.
 fn free_initramfs() -> Result<(), MountError> {
-    let fs_type = statfs("/").map_err(MountError::Statfs)?.filesystem_type();
-    if fs_type != RAMFS_MAGIC && fs_type != TMPFS_MAGIC {
-        return Err(MountError::NotInitramfs);
-    }
-    let root_dev =
-        std::fs::symlink_metadata("/").map_err(|e| MountError::Mkdir { path: "/".into(), source: e })?.dev();
-    remove_children(Path::new("/"), root_dev);
+    let (top, dev) = open_initramfs()?;
+    remove_children_at(top.as_fd(), dev);
     Ok(())
 }
 
-/// Best effort: a file that cannot be removed only costs RAM.
-pub fn remove_children(dir: &Path, dev: u64) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-        if meta.dev() != dev {
+/// The initramfs's top directory (`/` now) and its device. Refuses unless `/` really is a
+/// ramfs/tmpfs: emptying any other root would wipe a disk.
+pub fn open_initramfs() -> Result<(File, u64), MountError> {
+    let top = File::open("/").map_err(|e| MountError::Mkdir { path: "/".into(), source: e })?;
+    let fs_type = fstatfs(&top).map_err(MountError::Statfs)?.filesystem_type();
+    if fs_type != RAMFS_MAGIC && fs_type != TMPFS_MAGIC {
+        return Err(MountError::NotInitramfs);
+    }
+    let dev = top.metadata().map_err(|e| MountError::Mkdir { path: "/".into(), source: e })?.dev();
+    Ok((top, dev))
+}
+
+/// Deletes what is below the directory `dir` on the device `dev` (a mount point inside is left
+/// alone). Descriptor-relative, so that it works from outside a root that has since moved: a
+/// child empties the initramfs after stage 2's exec. Best effort: a file that cannot be removed
+/// only costs RAM.
+pub fn remove_children_at(dir: BorrowedFd<'_>, dev: u64) {
+    let open = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let Ok(mut listing) = Dir::openat(dir, ".", open, Mode::empty()) else { return };
+    // Names first: removing entries while reading the directory could skip some.
+    let names: Vec<CString> = listing
+        .iter()
+        .flatten()
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    for name in names {
+        let Ok(st) = fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        if st.st_dev != dev {
             continue;
         }
-        if meta.is_dir() {
-            remove_children(&path, dev);
-            let _ = std::fs::remove_dir(&path);
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+            if let Ok(sub) = openat(dir, name.as_c_str(), open, Mode::empty()) {
+                remove_children_at(sub.as_fd(), dev);
+            }
+            let _ = unlinkat(dir, name.as_c_str(), UnlinkatFlags::RemoveDir);
         } else {
-            let _ = std::fs::remove_file(&path);
+            let _ = unlinkat(dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir);
         }
     }
 }
@@ -282,13 +313,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn remove_children_empties_a_tree_but_keeps_the_top() {
+    fn remove_children_at_empties_a_tree_but_keeps_the_top() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         std::fs::write(dir.path().join("a/b/f"), "x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
         let dev = std::fs::metadata(dir.path()).unwrap().dev();
-        remove_children(dir.path(), dev);
+        let top = File::open(dir.path()).unwrap();
+        remove_children_at(top.as_fd(), dev);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(std::fs::metadata("/etc/passwd").is_ok());
     }
@@ -331,6 +363,9 @@ mod tests {
     #[test]
     fn switch_root_is_refused_on_the_host() {
         assert!(matches!(pivot_to_shutdown_root("/bin/true", &[]), Err(MountError::Refused(_))));
-        assert!(matches!(switch_root("/bin/true", &[]), Err(MountError::Refused(_))));
+        assert!(matches!(
+            switch_root("/bin/true", &[], Handover::without_child()),
+            Err(MountError::Refused(_))
+        ));
     }
 }

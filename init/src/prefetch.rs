@@ -1,45 +1,54 @@
 //! Starts reading stage 2's program and libraries from the unlocked root before stage 1 execs
 //! it. Left to page faults, the exec reads them through dm-crypt a few pages at a time, each
 //! read a round trip through the disk and the cipher (about a second under emulation);
-//! `POSIX_FADV_WILLNEED` queues each file whole at once, and the reads and their decryption run
-//! while stage 1 empties the initramfs.
+//! `POSIX_FADV_WILLNEED` queues each file whole at once. Stage 1 opens the files; the child it
+//! hands over to (see `handover`) queues them beside the exec.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 
-/// What was queued: files and their bytes.
-pub struct Prefetched {
-    pub files: usize,
+/// Stage 2's program and libraries, opened and not read yet.
+#[derive(Default)]
+pub struct Stage2Files {
+    files: Vec<std::fs::File>,
     pub bytes: u64,
 }
 
-/// Queues `program` under `root` and, under `root` too, every file this process has mapped:
-/// stage 2 is the same program as stage 1 with the same libraries (both come from the image's
-/// own packages), so what stage 1 maps is what stage 2's loader will open. Best effort: a file
-/// that is missing or cannot be advised is only read later, on demand.
-pub fn stage2(root: &Path, program: &str) -> Prefetched {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut files = mapped_files(&maps);
-    files.insert(PathBuf::from(program));
-    let mut done = Prefetched { files: 0, bytes: 0 };
-    for file in files {
-        let Ok(rel) = file.strip_prefix("/") else { continue };
-        if let Some(bytes) = advise(&root.join(rel)) {
-            done.files += 1;
-            done.bytes += bytes;
+impl Stage2Files {
+    /// Opens `program` under `root` and, under `root` too, every file this process has mapped:
+    /// stage 2 is the same program as stage 1 with the same libraries (both come from the
+    /// image's own packages), so what stage 1 maps is what stage 2's loader will open. The
+    /// program comes first: its pages are the exec's first. Best effort: a file that is missing
+    /// is only read later, on demand.
+    pub fn open(root: &Path, program: &str) -> Self {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let mapped = mapped_files(&maps);
+        let program = PathBuf::from(program);
+        let in_order = std::iter::once(&program).chain(mapped.iter().filter(|f| **f != program));
+        let mut opened = Stage2Files { files: Vec::new(), bytes: 0 };
+        for file in in_order {
+            let Ok(rel) = file.strip_prefix("/") else { continue };
+            let Ok(f) = std::fs::File::open(root.join(rel)) else { continue };
+            opened.bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+            opened.files.push(f);
         }
+        opened
     }
-    done
-}
 
-fn advise(path: &Path) -> Option<u64> {
-    let file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    // Length 0 means "to the end of the file".
-    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED).ok()?;
-    Some(len)
+    pub fn count(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Queues every file whole for reading (`POSIX_FADV_WILLNEED`) and closes it; returns how
+    /// many were queued. A file that cannot be advised is read on demand.
+    pub fn read_ahead(self) -> usize {
+        // Length 0 means "to the end of the file".
+        let queued =
+            |f: &std::fs::File| posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_WILLNEED).is_ok();
+        self.files.iter().filter(|f| queued(f)).count()
+    }
 }
 
 /// The absolute paths of the files mapped in a `/proc/<pid>/maps` text, each once; pseudo
@@ -91,7 +100,7 @@ mod tests {
     }
 
     #[test]
-    fn the_program_and_the_mapped_files_are_queued_under_the_root() {
+    fn the_program_comes_first_and_the_mapped_files_are_opened_under_the_root() {
         let root = tempfile::tempdir().unwrap();
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let inside = root.path().join(exe.strip_prefix("/").unwrap());
@@ -99,8 +108,10 @@ mod tests {
         std::fs::write(&inside, vec![7u8; 10_000]).unwrap();
         std::fs::create_dir_all(root.path().join("sbin")).unwrap();
         std::fs::write(root.path().join("sbin/stage2"), vec![1u8; 5_000]).unwrap();
-        let done = stage2(root.path(), "/sbin/stage2");
+        let opened = Stage2Files::open(root.path(), "/sbin/stage2");
         // Libraries this test maps are not under the temporary root, so only these two count.
-        assert_eq!((done.files, done.bytes), (2, 15_000));
+        assert_eq!((opened.count(), opened.bytes), (2, 15_000));
+        assert_eq!(opened.files[0].metadata().unwrap().len(), 5_000, "the program is not first");
+        assert_eq!(opened.read_ahead(), 2);
     }
 }

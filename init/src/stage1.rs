@@ -7,12 +7,15 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cloister_proto::{marker, MODULES_DISK_LIST, MODULES_UNLOCK_LIST, ROOT_MAPPING, STAGE2_ARG, STAGE2_PATH};
+use cloister_proto::{
+    marker, LUKS_WARMUP_HEADER, MODULES_DISK_LIST, MODULES_UNLOCK_LIST, ROOT_MAPPING, STAGE2_ARG, STAGE2_PATH,
+};
 
 use crate::cmdline::Cmdline;
 use crate::console::Consoles;
+use crate::handover::Handover;
 use crate::unlock::{Luks, UnlockError};
-use crate::{clock, kmod, mounts, passphrase, power, prefetch, root};
+use crate::{clock, kmod, mounts, passphrase, power, root};
 
 /// How long to wait for the root partition to appear.
 const ROOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +73,12 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step_from(c, "mount-api", start, || mounted)?;
     step(c, "appliance", || crate::guard::check("boot"))?;
 
+    // libcryptsetup's first header load in a process does one-time work (its crypto backend,
+    // the metadata code, TCG's translation of all of it): done now on a disk-less header,
+    // beside the disk drivers, it is not in the root's header load after them.
+    // libcryptsetup locks LUKS2 metadata under it, the warm-up's header's too.
+    step(c, "lock-dir", || mounts::make_dir(crate::unlock::LOCK_DIR, 0o700))?;
+    let warmup = Warmup::start();
     // dm-crypt, its cipher and XFS are not needed to find the disk: they load on their own
     // thread, beside the disk drivers and then while the prompt waits for a person to type
     // (xfs.ko alone takes over a second under emulation).
@@ -83,7 +92,7 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     // prompt waits (and the KDF runs) instead of after the unlock, where it held up stage 2 by
     // ~150 ms under emulation. The step's time is what the boot still waited for it.
     let saving = std::thread::Builder::new().name("save-initramfs".into()).spawn(save_initramfs_timed);
-    let pass = step(c, "unlock", || unlock(c, &dev, &mut unlock_modules))?;
+    let pass = step(c, "unlock", || unlock(c, &dev, warmup, &mut unlock_modules))?;
     leftover.finish(c);
     // Prints its own step line, with the time waited.
     unlock_modules
@@ -91,16 +100,8 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         .map_err(|e| Fatal { step: Need::Mount.step(), error: e.to_string() })?;
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
-    let queuing = Instant::now();
-    let queued = prefetch::stage2(std::path::Path::new(mounts::SYSROOT), STAGE2_PATH);
-    c.line(&format!(
-        "cloister: reading ahead stage 2's {} files ({} KiB, queued in {} ms)",
-        queued.files,
-        queued.bytes / 1024,
-        queuing.elapsed().as_millis()
-    ));
-    grow_root(c, &cmdline, &dev, &pass);
-    drop(pass);
+    // Before the handover's fork: the copy's thread must be done (the fork wants this process
+    // alone on its one thread), and so must the copy before anything of the initramfs goes.
     let saved = step(c, "save-initramfs", || match saving {
         Ok(thread) => thread.join().unwrap_or(Err(mounts::MountError::ThreadPanicked)),
         // No thread to be had: copy now.
@@ -115,8 +116,11 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
         Err(e) => c.line(&format!("cloister: {}: {}", e.step, e.error)),
     }
+    let handover = Handover::start(c, std::path::Path::new(mounts::SYSROOT), STAGE2_PATH);
+    grow_root(c, &cmdline, &dev, &pass);
+    drop(pass);
     c.line(&format!("{} {STAGE2_PATH} at {} ms since boot", marker::SWITCHING, clock::boot_ms()));
-    step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG]))
+    step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG], handover))
 }
 
 /// The bytes copied for the shutdown root and how long the copy took.
@@ -348,6 +352,39 @@ impl Background {
     }
 }
 
+/// The load of [`LUKS_WARMUP_HEADER`] on a thread of its own. Best effort: if it fails, the
+/// root's header load does the one-time work itself.
+struct Warmup {
+    handle: std::io::Result<std::thread::JoinHandle<(Result<(), UnlockError>, Duration)>>,
+}
+
+impl Warmup {
+    fn start() -> Self {
+        let handle = std::thread::Builder::new().name("luks-warmup".into()).spawn(|| {
+            let t = Instant::now();
+            (crate::unlock::warm_up(std::path::Path::new(LUKS_WARMUP_HEADER)), t.elapsed())
+        });
+        Warmup { handle }
+    }
+
+    /// Waits for the load (libcryptsetup is used by one thread at a time) and says how it went.
+    fn finish(self) -> String {
+        let waiting = Instant::now();
+        let done = match self.handle {
+            Ok(thread) => thread.join().map_err(|_| "its thread stopped abnormally".to_string()),
+            Err(e) => Err(format!("no thread: {e}")),
+        };
+        let waited = waiting.elapsed().as_millis();
+        match done {
+            Ok((Ok(()), took)) => {
+                format!("{} {} ms ({waited} ms waited for)", marker::LUKS_WARMED, took.as_millis())
+            }
+            Ok((Err(e), _)) => format!("cloister: LUKS warm-up: {e}"),
+            Err(e) => format!("cloister: LUKS warm-up: {e}"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum FindRootError {
     #[error(transparent)]
@@ -376,8 +413,6 @@ fn find_root(c: &Consoles, cmdline: &Cmdline) -> Result<PathBuf, FindRootError> 
 #[derive(Debug, thiserror::Error)]
 enum UnlockStepError {
     #[error(transparent)]
-    LockDir(mounts::MountError),
-    #[error(transparent)]
     Ask(#[from] passphrase::AskError),
     #[error(transparent)]
     Unlock(#[from] UnlockError),
@@ -394,9 +429,10 @@ enum UnlockStepError {
 fn unlock(
     c: &Consoles,
     dev: &std::path::Path,
+    warmup: Warmup,
     modules: &mut Background,
 ) -> Result<Passphrase, UnlockStepError> {
-    mounts::make_dir(crate::unlock::LOCK_DIR, 0o700).map_err(UnlockStepError::LockDir)?;
+    c.line(&warmup.finish());
     let mut luks = match Luks::open(dev) {
         Ok(luks) => luks,
         Err(UnlockError::Load { .. }) => {

@@ -1,8 +1,9 @@
 //! The init crate's `unsafe` besides the ioctls: restoring the default SIGPIPE disposition
 //! before a service is exec'd (the Rust runtime ignores SIGPIPE at startup, and `execve` keeps
 //! ignored signals, so without this every service would inherit "ignore SIGPIPE"), taking
-//! ownership of descriptors that arrived with SCM_RIGHTS, and the two priority calls of the
-//! background fill (`ioprio_set`, `setpriority`), which neither nix nor std wraps.
+//! ownership of descriptors that arrived with SCM_RIGHTS, the two priority calls of the
+//! background fill (`ioprio_set`, `setpriority`), which neither nix nor std wraps, and the fork
+//! of stage 1's handover child (`fork`, `_exit`).
 #![allow(unsafe_code)]
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -54,11 +55,56 @@ pub fn lowest_cpu_priority() -> nix::Result<()> {
     Errno::result(r).map(drop)
 }
 
+/// How many threads this process has, from `/proc/self/status`.
+pub fn thread_count() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+}
+
+/// Forks a child that runs `child` and ends with its exit code (`_exit`: no atexit handlers,
+/// no destructors of this process's frames run twice). `Ok(None)` if this process has more
+/// than one thread: a thread that does not exist in the child could hold a lock the child
+/// needs.
+pub fn fork_single_threaded(child: impl FnOnce() -> i32) -> nix::Result<Option<nix::unistd::Pid>> {
+    if thread_count() != Some(1) {
+        return Ok(None);
+    }
+    // SAFETY: this process has one thread (checked just above; only this thread could have
+    // started another since), so the child's copy of memory holds no lock or state half-changed
+    // by a thread that is missing there; it may allocate and use files like any program.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
+        nix::unistd::ForkResult::Child => {
+            let code = child();
+            // SAFETY: `_exit` ends the process at once and reads or writes no memory of ours.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// On a thread of its own: the priorities stick to the thread that set them.
+    /// The harness runs each test on a thread of its own, beside its main thread: a fork here
+    /// must be refused, and the child's work not run. (The fork itself runs at every test boot:
+    /// the e2e tests wait for the handover child's line.)
+    #[test]
+    fn fork_is_refused_beside_other_threads() {
+        assert!(thread_count().unwrap() >= 2);
+        let mut ran = false;
+        assert_eq!(
+            fork_single_threaded(|| {
+                ran = true;
+                0
+            })
+            .unwrap(),
+            None
+        );
+        assert!(!ran);
+    }
+
     #[test]
     fn idle_io_priority_reads_back() {
         let class = std::thread::spawn(|| {

@@ -97,6 +97,12 @@ impl Luks {
     }
 }
 
+/// Loads a header and lets it go: a process's first load does libcryptsetup's one-time work
+/// (the crypto backend, the metadata code), which the next load of any header then skips.
+pub fn warm_up(header: &Path) -> Result<(), UnlockError> {
+    Luks::open(header).map(drop)
+}
+
 /// libcryptsetup answers EPERM when no key slot opens with a passphrase.
 fn is_wrong_passphrase(e: &LibcryptErr) -> bool {
     matches!(e, LibcryptErr::IOError(e) if e.raw_os_error() == Some(nix::libc::EPERM))

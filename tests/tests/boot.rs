@@ -103,6 +103,7 @@ fn services_start_and_crash_loops_give_up(vm: &Vm) -> Result<()> {
     })?;
     let console = vm.console_text();
     machine_steps_before_services(&console)?;
+    stage1_handed_over(&console)?;
     let delays: Vec<u64> = console
         .lines()
         .filter_map(|l| service_event::parse(l))
@@ -117,6 +118,24 @@ fn services_start_and_crash_loops_give_up(vm: &Vm) -> Result<()> {
         .filter(|(name, rest)| *name == "ngircd" && rest.starts_with(service_event::EXITED))
         .count();
     ensure!(ngircd_exits == 0, "ngircd exited while crasher looped");
+    Ok(())
+}
+
+/// Stage 1 loaded the warm-up header, and its handover child read stage 2's files ahead and
+/// emptied the initramfs once stage 2 ran (it prints after the switch).
+fn stage1_handed_over(console: &str) -> Result<()> {
+    ensure!(console.contains(marker::LUKS_WARMED), "stage 1 did not load the warm-up header");
+    ensure!(console.contains(marker::HANDED_OVER), "stage 1 forked no handover child");
+    let done = console.lines().find(|l| l.contains(marker::HANDOVER_DONE));
+    ensure!(
+        done.is_some_and(|l| l.contains("initramfs emptied in")),
+        "the handover child did not empty the initramfs: {done:?}"
+    );
+    let switched = console.find(marker::SWITCHING).unwrap_or(usize::MAX);
+    ensure!(
+        console.find(marker::HANDOVER_DONE).is_some_and(|at| at > switched),
+        "the initramfs was emptied before the switch"
+    );
     Ok(())
 }
 

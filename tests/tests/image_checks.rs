@@ -306,11 +306,23 @@ fn check_initramfs_libraries(uki: &Path, dir: &Path) -> Result<()> {
     // Keyboards still load once the root is found; AES-NI only where the CPU has it.
     ensure!(disk.contains("# group usb c0c03 input\n"), "the USB group is not marked input:\n{disk}");
     ensure!(unlock.contains("# group aesni cpu:aes\n"), "aesni_intel not gated by the CPU:\n{unlock}");
+    check_warmup_header(&root.join(cloister_proto::LUKS_WARMUP_HEADER.trim_start_matches('/')))?;
     for line in disk.lines().chain(unlock.lines()).filter(|l| !l.starts_with('#')) {
         ensure!(
             root.join("lib/modules").read_dir()?.flatten().any(|k| k.path().join(line).is_file()),
             "{line} listed, not in the initramfs"
         );
+    }
+    Ok(())
+}
+
+/// The header stage 1 loads first must be of the root's shape and open nothing: no keyslot.
+fn check_warmup_header(header: &Path) -> Result<()> {
+    let dump = stdout(&run(Command::new("cryptsetup").arg("luksDump").arg(header))?);
+    for want in
+        ["Version:       \t2", "cipher: aes-xts-plain64", "sector: 4096 [bytes]", "Keyslots:\nTokens:"]
+    {
+        ensure!(dump.contains(want), "warm-up header: no {want:?} in its luksDump:\n{dump}");
     }
     Ok(())
 }

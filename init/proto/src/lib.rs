@@ -27,6 +27,11 @@ pub const MODULES_DISK_LIST: &str = "/etc/cloister/modules";
 /// stage 1 loads them while the passphrase prompt waits.
 pub const MODULES_UNLOCK_LIST: &str = "/etc/cloister/modules.unlock";
 
+/// A LUKS2 header for no disk (no keyslot, its key thrown away at build time) that stage 1
+/// loads while the disk drivers probe, so that the root's header loads fast: a process's first
+/// load does libcryptsetup's one-time work.
+pub const LUKS_WARMUP_HEADER: &str = "/etc/cloister/warmup.luks2";
+
 /// argv[1] that selects stage 2.
 pub const STAGE2_ARG: &str = "--stage2";
 
@@ -44,6 +49,12 @@ pub mod marker {
     pub const KEY_SLOT_TRIED: &str = "cloister: key slot tried in";
     /// Stage 1's last line: `cloister: switching to <stage 2> at <n> ms since boot`.
     pub const SWITCHING: &str = "cloister: switching to";
+    /// Stage 1 forked the child that reads stage 2's files ahead and empties the initramfs.
+    pub const HANDED_OVER: &str = "cloister: handed over to pid";
+    /// That child's last line: `… files queued in <ms> ms; initramfs emptied in <ms> ms`.
+    pub const HANDOVER_DONE: &str = "cloister: handover: ";
+    /// Stage 1 loaded the warm-up LUKS2 header before the root's.
+    pub const LUKS_WARMED: &str = "cloister: LUKS code warmed up in";
     /// Printed when a passphrase did not open the root; the prompt follows again.
     pub const WRONG_PASSPHRASE: &str = "cloister: wrong passphrase";
     /// Printed by stage 2 once it runs from the unlocked root:

@@ -9,7 +9,7 @@ use cloister_rootfs::initramfs::InitramfsBuilder;
 use cloister_rootfs::modules::{self, ModuleIndex, ModulePath};
 use cloister_rootfs::{deb, elf};
 
-use cloister_proto::{MODULES_DISK_LIST, MODULES_UNLOCK_LIST};
+use cloister_proto::{LUKS_WARMUP_HEADER, MODULES_DISK_LIST, MODULES_UNLOCK_LIST};
 
 use crate::rootfs_phase::Rootfs;
 
@@ -68,6 +68,9 @@ pub fn build(rootfs: &Rootfs, init_bin: &Path, out: &Path) -> Result<Initrd> {
     }
     ar.file_bytes(MODULES_DISK_LIST.trim_start_matches('/'), disk_text, 0o644)?;
     ar.file_bytes(MODULES_UNLOCK_LIST.trim_start_matches('/'), unlock_text, 0o644)?;
+    let warmup = cloister_image::warmup_header(out.parent().unwrap_or(Path::new(".")))
+        .context("LUKS2 warm-up header")?;
+    ar.file_bytes(LUKS_WARMUP_HEADER.trim_start_matches('/'), warmup, 0o644)?;
     // systemd's convention for "this is an initramfs"; stage 1 also checks it.
     ar.file_bytes("etc/initrd-release", "NAME=Cloister\nID=cloister\n", 0o644)?;
     let bytes = ar.write(out)?;
