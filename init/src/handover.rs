@@ -44,12 +44,12 @@ impl Handover {
     /// (and so check it).
     pub fn start(c: &Consoles, root: &Path, program: &str) -> Handover {
         let files = Stage2Files::open(root, program);
-        let (count, kib) = (files.count(), files.bytes / 1024);
+        let (count, kib, of_kib) = (files.count(), files.bytes / 1024, files.file_bytes / 1024);
         match fork_child(c, files) {
             Ok((child, signal)) => {
                 c.line(&format!(
-                    "{} {child}: reading ahead stage 2's {count} files ({kib} KiB), then emptying \
-                     the initramfs",
+                    "{} {child}: reading ahead what stage 1 touched of stage 2's {count} files ({kib} of \
+                     {of_kib} KiB), then emptying the initramfs",
                     marker::HANDED_OVER
                 ));
                 Handover { child: Some(child), _exec_signal: Some(signal), empty_here: false }

@@ -100,6 +100,10 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         .map_err(|e| Fatal { step: Need::Mount.step(), error: e.to_string() })?;
     let mapped = PathBuf::from(format!("/dev/mapper/{ROOT_MAPPING}"));
     step(c, "mount-root", || mounts::mount_root(&mapped, "xfs"))?;
+    // Before the handover's read-ahead: its few reads (the GPT, the fill record on the root)
+    // would otherwise queue behind megabytes of stage 2's files.
+    grow_root(c, &cmdline, &dev, &pass);
+    drop(pass);
     // Before the handover's fork: the copy's thread must be done (the fork wants this process
     // alone on its one thread), and so must the copy before anything of the initramfs goes.
     let saved = step(c, "save-initramfs", || match saving {
@@ -116,9 +120,9 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
         // Without this copy shutdown still works, it just cannot close the mapping: not fatal.
         Err(e) => c.line(&format!("cloister: {}: {}", e.step, e.error)),
     }
-    let handover = Handover::start(c, std::path::Path::new(mounts::SYSROOT), STAGE2_PATH);
-    grow_root(c, &cmdline, &dev, &pass);
-    drop(pass);
+    let handover = step(c, "handover", || {
+        Ok::<_, Infallible>(Handover::start(c, std::path::Path::new(mounts::SYSROOT), STAGE2_PATH))
+    })?;
     c.line(&format!("{} {STAGE2_PATH} at {} ms since boot", marker::SWITCHING, clock::boot_ms()));
     step(c, "switch-root", || mounts::switch_root(STAGE2_PATH, &[STAGE2_ARG], handover))
 }
@@ -459,7 +463,9 @@ fn unlock(
         match tried {
             Ok(key) => {
                 modules.finish(c, Need::Map)?;
+                let mapping = Instant::now();
                 luks.activate(ROOT_MAPPING, &key)?;
+                c.line(&format!("cloister: root mapped in {} ms", mapping.elapsed().as_millis()));
                 return Ok(pass);
             }
             Err(UnlockError::WrongPassphrase) => {

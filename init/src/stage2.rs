@@ -60,6 +60,9 @@ pub fn run() -> ! {
         sup.show_host_key(key);
     }
     start_grow_fill(&mut sup, &say);
+    if let Some(kernel) = clock::kernel_milestones() {
+        say(&kernel);
+    }
     sup.watch_kernel_log();
     let ending = match sup.run(&sfd, &buttons) {
         Outcome::PowerOff => Ending::PowerOff,

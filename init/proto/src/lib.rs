@@ -55,6 +55,8 @@ pub mod marker {
     pub const HANDOVER_DONE: &str = "cloister: handover: ";
     /// Stage 1 loaded the warm-up LUKS2 header before the root's.
     pub const LUKS_WARMED: &str = "cloister: LUKS code warmed up in";
+    /// Stage 2's reading of the kernel log: `… <ms> ms; initramfs unpacked from <ms> to <ms> ms`.
+    pub const KERNEL_RAN_INIT: &str = "cloister: kernel ran /init at";
     /// Printed when a passphrase did not open the root; the prompt follows again.
     pub const WRONG_PASSPHRASE: &str = "cloister: wrong passphrase";
     /// Printed by stage 2 once it runs from the unlocked root:
