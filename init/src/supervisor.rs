@@ -232,6 +232,9 @@ impl<'a> Supervisor<'a> {
     /// Runs services until a shutdown request: SIGTERM/SIGINT/SIGPWR on `signals`, a power
     /// button press on `buttons`, or `poweroff`/`reboot` on the control socket.
     pub fn run(&mut self, signals: &SignalFd, buttons: &[File]) -> Outcome {
+        // A child that ended before the signalfd existed (stage 1's handover child can end
+        // before stage 2 blocks SIGCHLD) sent a SIGCHLD nobody received: reap it now.
+        self.reap();
         loop {
             self.start_due();
             let timeout = self.next_timeout();
