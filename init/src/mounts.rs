@@ -4,11 +4,10 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::{Path, PathBuf};
-
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 use nix::dir::Dir;
 use nix::fcntl::{openat, AtFlags, OFlag};
@@ -143,12 +142,14 @@ fn free_initramfs() -> Result<(), MountError> {
 /// The initramfs's top directory (`/` now) and its device. Refuses unless `/` really is a
 /// ramfs/tmpfs: emptying any other root would wipe a disk.
 pub fn open_initramfs() -> Result<(File, u64), MountError> {
-    let top = File::open("/").map_err(|e| MountError::Mkdir { path: "/".into(), source: e })?;
+    let fs = |op: &'static str| move |source| MountError::Fs { op, path: "/".into(), source };
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let top = File::from(nix::fcntl::open("/", flags, Mode::empty()).map_err(fs("open"))?);
     let fs_type = fstatfs(&top).map_err(MountError::Statfs)?.filesystem_type();
     if fs_type != RAMFS_MAGIC && fs_type != TMPFS_MAGIC {
         return Err(MountError::NotInitramfs);
     }
-    let dev = top.metadata().map_err(|e| MountError::Mkdir { path: "/".into(), source: e })?.dev();
+    let dev = nix::sys::stat::fstat(&top).map_err(fs("stat"))?.st_dev;
     Ok((top, dev))
 }
 
@@ -311,6 +312,14 @@ pub fn remount_root_ro() -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host's `/` is a disk's file system (here ext4): nothing may be emptied there.
+    #[test]
+    fn only_a_ramfs_or_tmpfs_root_is_opened_for_emptying() {
+        let fs_type = nix::sys::statfs::statfs("/").unwrap().filesystem_type();
+        let in_ram = fs_type == RAMFS_MAGIC || fs_type == TMPFS_MAGIC;
+        assert_eq!(matches!(open_initramfs(), Err(MountError::NotInitramfs)), !in_ram, "{fs_type:?}");
+    }
 
     #[test]
     fn remove_children_at_empties_a_tree_but_keeps_the_top() {

@@ -73,11 +73,11 @@ fn boot(consoles: &mut Consoles) -> Result<Infallible, Fatal> {
     step_from(c, "mount-api", start, || mounted)?;
     step(c, "appliance", || crate::guard::check("boot"))?;
 
+    // libcryptsetup locks LUKS2 metadata under it, the warm-up's header's too.
+    step(c, "lock-dir", || mounts::make_dir(crate::unlock::LOCK_DIR, 0o700))?;
     // libcryptsetup's first header load in a process does one-time work (its crypto backend,
     // the metadata code, TCG's translation of all of it): done now on a disk-less header,
     // beside the disk drivers, it is not in the root's header load after them.
-    // libcryptsetup locks LUKS2 metadata under it, the warm-up's header's too.
-    step(c, "lock-dir", || mounts::make_dir(crate::unlock::LOCK_DIR, 0o700))?;
     let warmup = Warmup::start();
     // dm-crypt, its cipher and XFS are not needed to find the disk: they load on their own
     // thread, beside the disk drivers and then while the prompt waits for a person to type

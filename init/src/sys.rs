@@ -86,7 +86,6 @@ pub fn fork_single_threaded(child: impl FnOnce() -> i32) -> nix::Result<Option<n
 mod tests {
     use super::*;
 
-    /// On a thread of its own: the priorities stick to the thread that set them.
     /// The harness runs each test on a thread of its own, beside its main thread: a fork here
     /// must be refused, and the child's work not run. (The fork itself runs at every test boot:
     /// the e2e tests wait for the handover child's line.)
@@ -105,6 +104,7 @@ mod tests {
         assert!(!ran);
     }
 
+    /// On a thread of its own: the priorities stick to the thread that set them.
     #[test]
     fn idle_io_priority_reads_back() {
         let class = std::thread::spawn(|| {
