@@ -1,8 +1,8 @@
 //! What stage 1 leaves to a child process when it switches to stage 2: queueing stage 2's
 //! program and libraries for reading, and, once stage 2 runs, emptying the initramfs. On stage
 //! 1's own path both took ~80 and ~65 ms under TCG; the child does them on the other CPU while
-//! stage 1 grows the root, switches and execs, and while stage 2 starts. Stage 2, PID 1 after the
-//! exec, reaps the child like any other.
+//! stage 1 switches and execs, and while stage 2 starts. Stage 2, PID 1 after the exec, reaps the
+//! child like any other.
 //!
 //! The child learns that the exec happened from a pipe: stage 1 keeps the write end, marked
 //! close-on-exec, so the exec closes it and the child reads end of file. If stage 1 fails before
@@ -56,7 +56,7 @@ impl Handover {
             }
             Err((why, files)) => {
                 c.line(&format!(
-                    "cloister: no handover ({why}): reading ahead {count} files ({kib} KiB) here"
+                    "cloister: no handover ({why}): reading ahead {count} files ({kib} of {of_kib} KiB) here"
                 ));
                 files.read_ahead();
                 Handover { child: None, _exec_signal: None, empty_here: true }
