@@ -10,7 +10,8 @@
 //! the terminal (3 tries), or as the first line of stdin when there is none
 //! (`echo 123456 | ssh ops@<x>.onion user list`). PID 1 keeps the pass for this process only.
 //!
-//! At the prompt on a terminal, a session that waits longer than its idle timeout ends
+//! On a terminal, a session that waits longer than its idle timeout ends, at the prompt or at
+//! a command's question (a password, a code, a confirmation; the command is then not done)
 //! (`CLOISTER_ADMIN_IDLE_SECS`, which sshd's `SetEnv` and the console service set from
 //! `[admin] idle_timeout_secs`; 15 minutes without it).
 //!
@@ -140,7 +141,7 @@ fn read_code(prompt: &str) -> Result<String, String> {
         eprint!("{prompt}");
         let _ = std::io::stderr().flush();
     }
-    let line = read_bounded_line(&mut stdin.lock())?.ok_or("no code given")?;
+    let line = answer_line()?.ok_or("no code given")?;
     let code: String = line.chars().filter(|c| *c != ' ').collect();
     if code.len() != CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("a code is the {CODE_DIGITS} digits the app shows"));
@@ -161,12 +162,12 @@ fn enrol(socket: &Path) -> Result<String, String> {
 /// The prompt loop; a refused command is reported and the loop goes on.
 fn interactive(socket: &Path) -> i32 {
     println!("cloister admin; type help for the commands");
-    let idle = idle_timeout(std::env::var(cloister_plan::accounts::ADMIN_IDLE_ENV).ok().as_deref());
+    let idle = session_idle();
     loop {
         print!("admin> ");
         let _ = std::io::stdout().flush();
         if !input_within(&std::io::stdin(), idle) {
-            println!("\nidle for {} s: logged out", idle.as_secs());
+            println!("\n{}", idle_message(idle));
             return 0;
         }
         // Locked per line: a command may read stdin itself (a code, a password), and stdin's
@@ -189,6 +190,33 @@ fn interactive(socket: &Path) -> i32 {
             Err(e) => println!("error: {e}"),
         }
     }
+}
+
+/// This session's idle timeout: at the prompt, and for every answer a command asks for.
+fn session_idle() -> Duration {
+    idle_timeout(std::env::var(cloister_plan::accounts::ADMIN_IDLE_ENV).ok().as_deref())
+}
+
+fn idle_message(idle: Duration) -> String {
+    format!("idle for {} s: logged out", idle.as_secs())
+}
+
+/// A command's question left unanswered for the idle timeout ends the session as the prompt
+/// does: otherwise whoever finds the terminal later could answer it (a password for a user,
+/// the kill switch's phrase) and get the prompt back. Nothing was sent to PID 1 yet, so the
+/// command did not happen; the exit status says so.
+fn log_out_idle(idle: Duration) -> ! {
+    eprintln!("\n{}; the command was not done", idle_message(idle));
+    std::process::exit(1)
+}
+
+/// The next line of stdin, waiting at most the idle timeout when stdin is a terminal.
+fn answer_line() -> Result<Option<String>, String> {
+    let idle = session_idle();
+    if !input_within(&std::io::stdin(), idle) {
+        log_out_idle(idle);
+    }
+    read_bounded_line(&mut std::io::stdin().lock())
 }
 
 /// The idle timeout from the environment's value, within the config's bounds (a value out of
@@ -331,39 +359,73 @@ fn kill_system(socket: &Path) -> Result<String, String> {
 fn ask_line(prompt: &str) -> Result<String, String> {
     print!("{prompt}");
     let _ = std::io::stdout().flush();
-    read_bounded_line(&mut std::io::stdin().lock())?.ok_or_else(|| "no answer".to_string())
+    answer_line()?.ok_or_else(|| "no answer".to_string())
 }
 
-/// A secret typed without echo on the terminal, or the next line of stdin when there is none.
-/// A secret typed without echo on the terminal, or the next line of stdin when there is none.
+/// A secret typed without echo on the terminal (the controlling one under `ssh -t`, else a
+/// terminal stdin), or the next line of stdin when there is none.
 fn ask_secret(prompt: &str) -> Result<Zeroizing<String>, String> {
-    if let Ok(p) = rpassword::prompt_password(prompt) {
-        return Ok(Zeroizing::new(p));
+    let idle = session_idle();
+    let typed = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") {
+        Ok(tty) => {
+            let mut prompt_to = &tty;
+            secret_from_terminal(&tty, &mut prompt_to, prompt, idle, || {
+                read_bounded_line(&mut std::io::BufReader::new(&tty))
+            })
+        }
+        // On the appliance's console the CLI has a terminal on stdin but no controlling one
+        // (no /dev/tty), and may not open the console anew (it is root's).
+        Err(_) if std::io::stdin().is_terminal() => {
+            let stdin = std::io::stdin();
+            secret_from_terminal(&stdin, &mut std::io::stderr(), prompt, idle, || {
+                read_bounded_line(&mut stdin.lock())
+            })
+        }
+        Err(_) => Secret::Typed(read_bounded_line(&mut std::io::stdin().lock())),
+    };
+    match typed {
+        Secret::Typed(line) => line?.map(Zeroizing::new).ok_or_else(|| "no input for a secret".to_string()),
+        Secret::Idle => log_out_idle(idle),
     }
-    if std::io::stdin().is_terminal() {
-        return secret_from_stdin_terminal(prompt);
-    }
-    read_bounded_line(&mut std::io::stdin().lock())?
-        .map(Zeroizing::new)
-        .ok_or_else(|| "no input for a secret".to_string())
 }
 
-/// On the appliance's console the CLI has a terminal on stdin but no controlling one (no
-/// /dev/tty), and may not open the console anew (it is root's): echo goes off on stdin
-/// itself, and comes back whatever happens.
-fn secret_from_stdin_terminal(prompt: &str) -> Result<Zeroizing<String>, String> {
+/// What a secret's prompt got.
+enum Secret {
+    Typed(Result<Option<String>, String>),
+    /// Nothing for the idle timeout.
+    Idle,
+}
+
+/// Echo goes off on `terminal` for the answer and comes back whatever happens (a restore
+/// guard, so also on an error or an unwinding panic).
+fn secret_from_terminal(
+    terminal: &(impl AsFd + IsTerminal),
+    prompt_to: &mut impl Write,
+    prompt: &str,
+    idle: Duration,
+    read: impl FnOnce() -> Result<Option<String>, String>,
+) -> Secret {
     use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
-    let stdin = std::io::stdin();
-    let saved = tcgetattr(&stdin).map_err(|e| format!("terminal: {e}"))?;
+    let saved = match tcgetattr(terminal) {
+        Ok(saved) => saved,
+        Err(e) => return Secret::Typed(Err(format!("terminal: {e}"))),
+    };
     let mut quiet = saved.clone();
     quiet.local_flags.remove(LocalFlags::ECHO);
-    tcsetattr(&stdin, SetArg::TCSAFLUSH, &quiet).map_err(|e| format!("terminal: {e}"))?;
-    eprint!("{prompt}");
-    let _ = std::io::stderr().flush();
-    let line = read_bounded_line(&mut stdin.lock());
-    let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
-    eprintln!();
-    line?.map(Zeroizing::new).ok_or_else(|| "no input for a secret".to_string())
+    if let Err(e) = tcsetattr(terminal, SetArg::TCSAFLUSH, &quiet) {
+        return Secret::Typed(Err(format!("terminal: {e}")));
+    }
+    struct Restore<'a, T: AsFd>(&'a T, nix::sys::termios::Termios);
+    impl<T: AsFd> Drop for Restore<'_, T> {
+        fn drop(&mut self) {
+            let _ = tcsetattr(self.0, SetArg::TCSANOW, &self.1);
+        }
+    }
+    let _restore = Restore(terminal, saved);
+    let _ = write!(prompt_to, "{prompt}").and_then(|()| prompt_to.flush());
+    let answer = if input_within(terminal, idle) { Secret::Typed(read()) } else { Secret::Idle };
+    let _ = writeln!(prompt_to);
+    answer
 }
 
 /// A chosen password, typed twice without echo on the terminal (or two lines of stdin when
@@ -476,6 +538,37 @@ mod tests {
         let (r, _w) = std::io::pipe().unwrap();
         let r = std::fs::File::from(std::os::fd::OwnedFd::from(r));
         assert!(input_within(&r, Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_secret_prompt_left_idle_gives_up_and_echo_comes_back() {
+        use nix::sys::termios::{tcgetattr, LocalFlags};
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let tty = std::fs::File::from(pty.slave);
+        let mut master = std::fs::File::from(pty.master);
+        let echo = |t: &std::fs::File| tcgetattr(t).unwrap().local_flags.contains(LocalFlags::ECHO);
+        assert!(echo(&tty));
+        let mut shown = Vec::new();
+        let never = || -> Result<Option<String>, String> { panic!("read without input") };
+        let got = secret_from_terminal(&tty, &mut shown, "password: ", Duration::from_millis(200), never);
+        assert!(matches!(got, Secret::Idle));
+        assert!(echo(&tty), "echo stays off after an idle prompt");
+        assert_eq!(shown, b"password: \n");
+        // Typed once the prompt shows: the prompt flushes what was typed ahead of it.
+        let typist = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            master.write_all(b"s3cret\n").unwrap();
+            master
+        });
+        let mut echo_while_reading = None;
+        let got = secret_from_terminal(&tty, &mut Vec::new(), "again: ", Duration::from_secs(5), || {
+            echo_while_reading = Some(echo(&tty));
+            read_bounded_line(&mut std::io::BufReader::new(&tty))
+        });
+        assert!(matches!(got, Secret::Typed(Ok(Some(ref s))) if s == "s3cret"));
+        assert_eq!(echo_while_reading, Some(false));
+        assert!(echo(&tty));
+        drop(typist.join().unwrap());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! wrong password and control characters are refused with a delay; the right console password
 //! gives the admin CLI, where the admin enrols a second factor from the QR code drawn on the
 //! console; the next console login then needs password and code; a console password changed
-//! over the onion service replaces the old one; a session left at the prompt ends after the
-//! image's idle timeout; PID 1's log holds a line for each login, refusal and logout, and
+//! over the onion service replaces the old one; a session left at the prompt, or at a
+//! command's password question, ends after the image's idle timeout; PID 1's log holds a line for each login, refusal and logout, and
 //! nothing that was typed.
 
 use cloister_qemu::Vm;
@@ -86,6 +86,19 @@ fn idle_session_ends(vm: &Vm, password: &str) -> Result<()> {
     vm.wait_for(&format!("idle for {} s: logged out", IDLE.as_secs()), IDLE + TO_ANSWER)?;
     // Not before its time (the prompt was seen a little after it was shown: some slack).
     ensure!(shown.elapsed() + Duration::from_secs(5) >= IDLE, "idle after {:?}", shown.elapsed());
+    vm.wait_for(&format!("{} logged out", admin::ADMIN), TO_ANSWER)?;
+    vm.wait_for(BANNER, TO_ANSWER)?;
+    // A question left unanswered ends the session too, and the command is not done. (The
+    // banner above was this login's: press Enter, as after a banner seen long ago.)
+    log_in(vm, admin::ADMIN, password)?;
+    answer(vm, PROMPT, "console-password")?;
+    vm.wait_for("password for the console: ", TO_ANSWER)?;
+    let asked = Instant::now();
+    vm.wait_for(
+        &format!("idle for {} s: logged out; the command was not done", IDLE.as_secs()),
+        IDLE + TO_ANSWER,
+    )?;
+    ensure!(asked.elapsed() + Duration::from_secs(5) >= IDLE, "idle after {:?}", asked.elapsed());
     vm.wait_for(&format!("{} logged out", admin::ADMIN), TO_ANSWER)?;
     vm.wait_for(BANNER, TO_ANSWER)?;
     Ok(())
