@@ -554,9 +554,15 @@ mod tests {
         assert!(matches!(got, Secret::Idle));
         assert!(echo(&tty), "echo stays off after an idle prompt");
         assert_eq!(shown, b"password: \n");
-        // Typed once the prompt shows: the prompt flushes what was typed ahead of it.
+        // Typed once echo is off: the prompt flushes what was typed ahead of it.
+        let seen = tty.try_clone().unwrap();
         let typist = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            for _ in 0..500 {
+                if !echo(&seen) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             master.write_all(b"s3cret\n").unwrap();
             master
         });
