@@ -3,7 +3,8 @@
 //! gives the admin CLI, where the admin enrols a second factor from the QR code drawn on the
 //! console; the next console login then needs password and code; a console password changed
 //! over the onion service replaces the old one; a session left at the prompt, or at a
-//! command's password question, ends after the image's idle timeout; PID 1's log holds a line for each login, refusal and logout, and
+//! command's password question, ends after the image's idle timeout; PID 1's log holds a
+//! line for each login, refusal and logout, and
 //! nothing that was typed.
 
 use cloister_qemu::Vm;
